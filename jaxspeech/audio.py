@@ -1,0 +1,65 @@
+"""Audio file loading shared by the CLIs and the data pipelines.
+
+`load_audio` is the one place where bad input is rejected: unreadable, empty, zero-length or
+non-finite audio raises `AudioError` naming the file. Stereo is averaged to mono; other sample
+rates are resampled with `scipy.signal.resample_poly` (polyphase FIR with a Kaiser window, the
+well-kept resampler already installed with jax).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import scipy.signal
+import soundfile as sf
+
+SAMPLE_RATE = 16_000
+
+
+class AudioError(ValueError):
+  """A file that cannot be used as audio; the message names the file and the reason."""
+
+
+def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+  """Resamples a 1-D float signal with a polyphase filter. [S] -> [S * target_sr / orig_sr]."""
+  if orig_sr == target_sr:
+    return wav
+  g = math.gcd(int(orig_sr), int(target_sr))
+  out = scipy.signal.resample_poly(wav, target_sr // g, orig_sr // g)
+  return out.astype(np.float32, copy=False)
+
+
+def read_info(path: str | os.PathLike) -> sf._SoundFileInfo:
+  """Header of an audio file (frames, samplerate, channels) or AudioError naming it."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise AudioError(f"{path}: no such file")
+  try:
+    return sf.info(path)
+  except Exception as e:  # soundfile raises LibsndfileError / RuntimeError on corrupt headers
+    raise AudioError(f"{path}: unreadable audio ({e})") from e
+
+
+def load_audio(path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE) -> np.ndarray:
+  """Reads `path` as float32 mono at `target_sr` (None keeps the file's rate). Returns [S].
+
+  Raises:
+    AudioError: the file is missing, unreadable, has no samples, or holds NaN/inf.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise AudioError(f"{path}: no such file")
+  try:
+    wav, sr = sf.read(path, dtype="float32", always_2d=True)  # [S, C]
+  except Exception as e:
+    raise AudioError(f"{path}: unreadable audio ({e})") from e
+  if wav.shape[0] == 0:
+    raise AudioError(f"{path}: empty audio (0 samples)")
+  if not np.all(np.isfinite(wav)):
+    raise AudioError(f"{path}: audio contains NaN or inf")
+  wav = wav.mean(axis=1) if wav.shape[1] > 1 else wav[:, 0]  # [S]
+  if target_sr is not None:
+    wav = resample(wav, sr, target_sr)
+  return np.ascontiguousarray(wav, dtype=np.float32)
