@@ -1,0 +1,176 @@
+"""Transformer pieces of the wav2vec 2.0 family: convolutional positional embedding, feed-forward,
+post-LN / pre-LN ("stable layer norm") blocks.
+
+Legend: B batch, T frames, D width, F feed-forward width, K positional conv taps, G conv groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxspeech.layers.attention import SelfAttention, dense
+from jaxspeech.layers.partitioning import EMBED, MLP, NORM, norm_metadata
+
+ACTIVATIONS = {
+  "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+  "swish": jax.nn.silu,
+  "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+  return ACTIVATIONS[name]
+
+
+def dropout(x: jax.Array, rate: float, deterministic: bool, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout on a key. Identity when deterministic or rate == 0."""
+  if deterministic or rate == 0.0:
+    return x
+  if rng is None:
+    raise ValueError("dropout needs an rng when deterministic=False")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def layer_norm(dim: int, eps: float, *, dtype, param_dtype, rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+    dim,
+    epsilon=eps,
+    use_fast_variance=False,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_metadata=norm_metadata(NORM),
+    bias_metadata=norm_metadata(NORM),
+    rngs=rngs,
+  )
+
+
+class ConvPositionalEmbedding(nnx.Module):
+  """Grouped conv over time with weight norm (per tap), 'same' length, GELU. [B,T,D] -> [B,T,D].
+
+  Weight norm is kept as its two parameters (g per tap, direction v) so that HF/fairseq
+  checkpoints load exactly and training follows the same parameterisation.
+  """
+
+  def __init__(
+    self, dim: int, kernel: int, groups: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs
+  ):
+    if dim % groups:
+      raise ValueError(f"hidden size {dim} not divisible by {groups} positional conv groups")
+    self.kernel, self.groups, self.dtype = kernel, groups, dtype
+    std = 2.0 * math.sqrt(1.0 / (kernel * dim))  # HF/fairseq init
+    v = std * jax.random.normal(rngs.params(), (kernel, dim // groups, dim), param_dtype)
+    self.weight_v = nnx.Param(v, out_sharding=(None, None, EMBED), eager_sharding=False)
+    self.weight_g = nnx.Param(
+      jnp.sqrt(jnp.sum(v * v, axis=(1, 2))), out_sharding=(None,), eager_sharding=False
+    )  # [K]: the identity re-parameterisation
+    self.bias = nnx.Param(
+      jnp.zeros((dim,), param_dtype), out_sharding=(EMBED,), eager_sharding=False
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    v = self.weight_v[...]
+    norm = jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))  # [K, 1, 1]
+    w = v * (self.weight_g[...][:, None, None] / norm)  # [K, D/G, D]
+    dtype = self.dtype or x.dtype
+    pad = self.kernel // 2
+    y = jax.lax.conv_general_dilated(
+      x.astype(dtype),
+      w.astype(dtype),
+      window_strides=(1,),
+      padding=[(pad, pad)],
+      dimension_numbers=("NWC", "WIO", "NWC"),
+      feature_group_count=self.groups,
+    )
+    if self.kernel % 2 == 0:  # 'same' padding of an even kernel leaves one frame too many
+      y = y[:, :-1]
+    return jax.nn.gelu(y + self.bias[...].astype(dtype), approximate=False)
+
+
+class FeedForward(nnx.Module):
+  def __init__(
+    self,
+    dim: int,
+    hidden: int,
+    act: str,
+    *,
+    activation_dropout: float,
+    hidden_dropout: float,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.intermediate_dense = dense(dim, hidden, (EMBED, MLP), **kw)
+    self.output_dense = dense(hidden, dim, (MLP, EMBED), **kw)
+    self.act = act
+    self.activation_dropout, self.hidden_dropout = activation_dropout, hidden_dropout
+
+  def __call__(self, x, *, deterministic=True, rng=None):
+    r1, r2 = (None, None) if rng is None else jax.random.split(rng)
+    h = activation(self.act)(self.intermediate_dense(x))  # [B, T, F]
+    h = dropout(h, self.activation_dropout, deterministic, r1)
+    return dropout(self.output_dense(h), self.hidden_dropout, deterministic, r2)
+
+
+class TransformerBlock(nnx.Module):
+  """One encoder layer. post-LN (base models): LN(x + attn(x)) then LN(x + ff(x));
+  pre-LN ("stable layer norm", large models): x + attn(LN(x)) then x + ff(LN(x))."""
+
+  def __init__(
+    self,
+    dim: int,
+    num_heads: int,
+    ffn_dim: int,
+    *,
+    pre_norm: bool,
+    act: str,
+    eps: float,
+    hidden_dropout: float = 0.0,
+    attention_dropout: float = 0.0,
+    activation_dropout: float = 0.0,
+    gated_rel_pos: bool = False,
+    has_rel_embed: bool = False,
+    num_buckets: int = 320,
+    max_distance: int = 800,
+    dtype=None,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.pre_norm = pre_norm
+    self.hidden_dropout = hidden_dropout
+    self.attention = SelfAttention(
+      dim,
+      num_heads,
+      gated_rel_pos=gated_rel_pos,
+      has_rel_embed=has_rel_embed,
+      num_buckets=num_buckets,
+      max_distance=max_distance,
+      dropout=attention_dropout,
+      **kw,
+    )
+    self.layer_norm = layer_norm(dim, eps, **kw)
+    self.feed_forward = FeedForward(
+      dim, ffn_dim, act, activation_dropout=activation_dropout, hidden_dropout=hidden_dropout, **kw
+    )
+    self.final_layer_norm = layer_norm(dim, eps, **kw)
+
+  def __call__(self, x, mask, position_bias=None, *, deterministic=True, rng=None):
+    r_att, r_drop, r_ff = (None,) * 3 if rng is None else jax.random.split(rng, 3)
+    kw = dict(deterministic=deterministic)
+    if self.pre_norm:
+      h = self.attention(self.layer_norm(x), mask, position_bias, rng=r_att, **kw)
+      x = x + dropout(h, self.hidden_dropout, deterministic, r_drop)
+      return x + self.feed_forward(self.final_layer_norm(x), rng=r_ff, **kw)
+    h = self.attention(x, mask, position_bias, rng=r_att, **kw)
+    x = self.layer_norm(x + dropout(h, self.hidden_dropout, deterministic, r_drop))
+    return self.final_layer_norm(x + self.feed_forward(x, rng=r_ff, **kw))
