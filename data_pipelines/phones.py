@@ -35,6 +35,7 @@ US_PHONES = (
 _TO_US = {
   "i:": "i", "A:": "A", "O:": "O", "u:": "u", "3:": "r=", "e": "E", "Q": "A",
   "eI": "EI", "aI": "AI", "I@": "I", "e@": "E", "U@": "U",
+  "5": "l", "O2": "O",  # en1's dark / syllabic l and its "all" vowel
   "p_h": "p", "t_h": "t", "k_h": "k", "Or": "O", "l=": "l",
 }  # fmt: skip
 
