@@ -1,0 +1,77 @@
+"""The contract between a training method and the one shared train step.
+
+A method is a small class built from the experiment config. It contributes
+
+* `init(rng) -> (model, extra_state)`: the trainable NNX module (its `nnx.Param`s are what the
+  optimizer updates) and a pytree of non-trainable state the loss needs and may update (EMA
+  teachers, k-means codebooks, pruning masks...). Called under `jax.eval_shape` and `jax.jit`, so
+  it must be pure (no host I/O) and use `rng` for all randomness.
+* `loss_fn(model, extra_state, batch, rng) -> (loss, (metrics, new_extra_state))`: a pure
+  function of arrays. `model` is the module re-assembled (`nnx.merge`) from the current parameters
+  inside the jitted step, so differentiating this function differentiates w.r.t. the parameters.
+  `metrics` is a flat dict of scalar arrays (averaged over the global batch already).
+* optional `post_update(params, extra_state, step) -> (params, extra_state)`: runs inside the same
+  jitted step after the optimizer update, on pure-dict parameters (codebook renormalisation, EMA
+  teacher update, re-pruning...).
+* optional `prepare(extra_state, batches) -> extra_state`: host-side, runs once when training
+  starts from scratch (never on resume: its result is checkpointed in `extra_state`), e.g. fitting
+  k-means targets on a sample of the corpus. `batches` is an iterator of host batches.
+* `encoder_path`: where the SpeechEncoder's parameters sit in the model's parameter tree, so that
+  `config.init_from=<HF checkpoint dir>` can load an encoder into it.
+
+The batch is a dict of global arrays with at least `audio` float32 [B, S] and `audio_mask` bool
+[B, S]; the spine reports audio seconds from `audio_mask`.
+
+The spine (`jaxspeech.train.trainer`) owns everything else: shardings, optax, donation, norms,
+the non-finite guard, checkpoints, metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+
+PyTree = Any
+
+
+class Method:
+  """Base class; subclasses override `init` and `loss_fn` (and optionally the hooks)."""
+
+  name: str = 'base'
+  encoder_path: tuple[str, ...] = ('encoder',)
+
+  def __init__(self, config):
+    self.config = config
+
+  def init(self, rng: jax.Array) -> tuple[nnx.Module, PyTree]:
+    raise NotImplementedError(f'{type(self).__name__}.init')
+
+  def loss_fn(self, model: nnx.Module, extra_state: PyTree, batch: dict[str, jax.Array],
+              rng: jax.Array) -> tuple[jax.Array, tuple[dict[str, jax.Array], PyTree]]:
+    raise NotImplementedError(f'{type(self).__name__}.loss_fn')
+
+  def post_update(self, params: PyTree, extra_state: PyTree,
+                  step: jax.Array) -> tuple[PyTree, PyTree]:
+    del step
+    return params, extra_state
+
+  def prepare(self, extra_state: PyTree, batches: Iterator[dict[str, Any]]) -> PyTree:
+    del batches
+    return extra_state
+
+  def extra_state_logical_axes(self, extra_state: PyTree) -> PyTree | None:
+    """Logical axes for `extra_state` leaves (same structure, tuples or None); None = replicate."""
+    del extra_state
+    return None
+
+
+def get_method(config) -> Method:
+  """Instantiates `config.method.name`."""
+  name = config.method.name
+  if name == 'hubert':
+    from jaxspeech.methods.hubert import HubertPretraining
+    return HubertPretraining(config)
+  raise ValueError(f'config.method.name={name!r} is not a known method (known: hubert)')

@@ -1,0 +1,133 @@
+"""Orbax checkpoints of the train state + the Grain data iterator, and `config.init_from`.
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary folder
+and renames it when complete (atomic: a run killed mid-save leaves the previous step as the latest
+one); `max_to_keep` old steps are kept. The data iterator is saved by Grain's own Orbax handler
+(one JSON file per process), so multi-host runs each resume their own shard.
+
+Resume order (`restore_or_init` in the trainer): the workdir's latest checkpoint -> `init_from`
+(parameters only) -> scratch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+PyTree = Any
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with items 'state' and (optionally) 'data'."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: PyTree, data_iterator=None, *, force: bool = False) -> bool:
+    items = {'state': ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: PyTree, data_iterator=None) -> PyTree:
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored['state']
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def restore_params_from_workdir(workdir: str, abstract_state: PyTree) -> tuple[PyTree, int]:
+  """Parameters of the latest checkpoint in another jaxspeech workdir (other items ignored).
+
+  Returns (params placed in `abstract_state['params']`'s shardings, the step they come from).
+  """
+  directory = epath.Path(workdir) / 'checkpoints'
+  if not directory.exists():
+    raise FileNotFoundError(f'config.init_from={workdir!r}: no {directory} (not a jaxspeech '
+                            'workdir with checkpoints, nor an HF checkpoint folder)')
+  mngr = ocp.CheckpointManager(directory, item_names=('state', 'data'))
+  step = mngr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} holds no checkpoint')
+  meta = mngr.item_metadata(step)['state']
+  abstract_params = abstract_state['params']
+  saved_params = meta['params'] if 'params' in meta else None
+  if saved_params is None:
+    raise ValueError(f'config.init_from={workdir!r}: checkpoint {step} has no params')
+  _check_same_tree(abstract_params, saved_params, f'config.init_from={workdir!r}')
+  # Restore only 'params' (partial restore): other state items are left as placeholders.
+  target = jax.tree.map(lambda _: ocp.PLACEHOLDER, dict(meta))
+  target['params'] = abstract_params
+  restored = mngr.restore(step, args=ocp.args.Composite(
+    state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if hasattr(a, 'sharding')
+      else ocp.RestoreArgs(), target))))
+  mngr.close()
+  return restored['state']['params'], step
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(getattr(x, 'shape', ()))
+          for p, x in flat}
+
+
+def _check_same_tree(want: PyTree, have: PyTree, what: str) -> None:
+  w, h = _flat_shapes(want), _flat_shapes(have)
+  missing = sorted(set(w) - set(h))
+  extra = sorted(set(h) - set(w))
+  bad = sorted(k for k in set(w) & set(h) if w[k] != h[k])
+  if missing or extra or bad:
+    msg = [f'{what}: parameters do not match the configured model.']
+    if missing:
+      msg.append(f'missing ({len(missing)}): {missing[:5]}')
+    if extra:
+      msg.append(f'unexpected ({len(extra)}): {extra[:5]}')
+    if bad:
+      msg.append('shape mismatch: ' + ', '.join(f'{k} want {w[k]} have {h[k]}' for k in bad[:5]))
+    raise ValueError(' '.join(msg))
+
+
+def merge_subtree(params: PyTree, prefix: tuple[str, ...], sub: PyTree, what: str) -> PyTree:
+  """Returns `params` with `params[prefix...]` replaced by `sub` (same keys and shapes, checked);
+  `sub` leaves are cast to the existing leaves' dtype and placed in their shardings."""
+  node = params
+  for k in prefix:
+    if not isinstance(node, dict) or k not in node:
+      raise ValueError(f'{what}: the model has no parameter group {"/".join(prefix)!r}')
+    node = node[k]
+  _check_same_tree(node, sub, what)
+  placed = jax.tree.map(
+    lambda old, new: jax.device_put(np.asarray(new, dtype=old.dtype), old.sharding), node, sub)
+
+  def rebuild(tree, keys):
+    if not keys:
+      return placed
+    return {**tree, keys[0]: rebuild(tree[keys[0]], keys[1:])}
+
+  logging.info('%s: loaded %d arrays into %s', what, len(jax.tree.leaves(placed)),
+               '/'.join(prefix) or '<root>')
+  return rebuild(params, list(prefix))

@@ -1,0 +1,185 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop every method runs through.
+
+    method = get_method(config)                       # jaxspeech/methods/<name>.py
+    mesh   = create_mesh(config.mesh)                 # ('data', 'fsdp', 'model')
+    setup  = build_setup(config, method, mesh)        # shapes + shardings, nothing allocated
+    state  = restore_or_init(...)                     # workdir ckpt -> config.init_from -> scratch
+    for step in range(start, num_steps):
+      batch = global arrays from the host's Grain batch
+      state, metrics = train_step(state, batch)       # jax.jit, shardings, donation
+      non-finite guard, clu averages, metrics.jsonl, progress line, Orbax save (+ data iterator)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxspeech.methods.base import Method, get_method
+from jaxspeech.train import checkpoint as ckpt_lib
+from jaxspeech.train import data as data_lib
+from jaxspeech.train import metrics as metrics_lib
+from jaxspeech.train import partitioning
+from jaxspeech.train import step as step_lib
+
+PyTree = Any
+
+
+class NonFiniteError(FloatingPointError):
+  """Training produced a non-finite loss or norm; the message names the step."""
+
+
+def _check_finite(step: int, host_metrics: dict[str, float], last_ckpt: int | None) -> None:
+  bad = {k: v for k, v in host_metrics.items()
+         if k in ('loss', 'grad_norm', 'param_norm') and not math.isfinite(v)}
+  if bad:
+    vals = ', '.join(f'{k}={host_metrics[k]!r}' for k in ('loss', 'grad_norm', 'param_norm')
+                     if k in host_metrics)
+    raise NonFiniteError(
+      f'Non-finite {"/".join(sorted(bad))} at step {step} ({vals}); training stopped. '
+      f'Last checkpoint: {"none" if last_ckpt is None else f"step {last_ckpt}"}. Check the '
+      'input batch of this step (NaN/inf audio), the learning rate and config.optim.clip_norm.')
+
+
+def _load_init_from(config, method: Method, setup: step_lib.TrainSetup, state: PyTree) -> PyTree:
+  src = str(config.init_from)
+  if not os.path.exists(src):
+    raise FileNotFoundError(f'config.init_from={src!r}: no such file or directory')
+  if os.path.isdir(os.path.join(src, 'checkpoints')):
+    params, step = ckpt_lib.restore_params_from_workdir(src, setup.abstract_state)
+    logging.info('config.init_from: parameters of %s at step %d', src, step)
+    return dict(state, params=params)
+  if os.path.exists(os.path.join(src, 'config.json')):
+    from jaxspeech.interop.hf import load_hf_checkpoint
+    _, enc_params = load_hf_checkpoint(src)
+    prefix = tuple(method.encoder_path)
+    node = state['params']
+    for k in prefix:
+      node = node[k]
+    missing_optional = {k: node[k] for k in ('masked_spec_embed',) if k not in enc_params}
+    enc_params = {**enc_params, **jax.tree.map(np.asarray, missing_optional)}
+    params = ckpt_lib.merge_subtree(state['params'], prefix, enc_params,
+                                    f'config.init_from={src!r} (HF checkpoint)')
+    return dict(state, params=params)
+  raise FileNotFoundError(f'config.init_from={src!r} is neither a jaxspeech workdir (no '
+                          'checkpoints/) nor an HF checkpoint folder (no config.json)')
+
+
+def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
+                    checkpointer: ckpt_lib.Checkpointer, train_iter) -> tuple[PyTree, int]:
+  """Resume order: this workdir's latest checkpoint -> `config.init_from` -> scratch."""
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info('Resuming from %s step %d', checkpointer.directory, latest)
+    state = checkpointer.restore(latest, setup.abstract_state, train_iter)
+    return state, int(latest)
+  state = step_lib.create_train_state(setup, jax.random.key(int(config.train.seed)))
+  # Method-specific set-up on the data (e.g. HuBERT's k-means targets) from a separate iterator,
+  # so that the training data order does not depend on it.
+  prep_iter = data_lib.make_iterator(config, setup.mesh, seed_offset=1)
+  extra = method.prepare(state['extra'], prep_iter)
+  extra = jax.device_put(extra, setup.state_shardings['extra'])
+  state = dict(state, extra=extra)
+  if config.init_from:
+    state = _load_init_from(config, method, setup, state)
+  return state, 0
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns the last logged
+  metrics (window averages)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  num_steps = int(config.train.num_steps)
+  log_every = max(int(config.train.log_every), 1)
+  ckpt_every = int(config.train.checkpoint_every)
+
+  method = get_method(config)
+  mesh = partitioning.create_mesh(config.mesh)
+  logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
+               jax.process_count())
+  setup = step_lib.build_setup(config, method, mesh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state['params']))
+  n_train = sum(int(np.prod(x.shape)) for x, t in zip(
+    jax.tree.leaves(setup.abstract_state['params']), jax.tree.leaves(setup.trainable)) if t)
+  logging.info('%s: %.2fM parameters, %.2fM trainable', method.name, n_params / 1e6,
+               n_train / 1e6)
+
+  train_iter = data_lib.make_iterator(config, mesh, seed_offset=0)
+  checkpointer = ckpt_lib.Checkpointer(
+    os.path.join(workdir, 'checkpoints'), max_to_keep=int(config.train.keep_checkpoints),
+    async_save=bool(config.train.async_checkpointing))
+  state, start = restore_or_init(config, method, setup, checkpointer, train_iter)
+  last_ckpt = checkpointer.latest_step()
+
+  train_step = None  # jitted at the first batch, whose keys/ranks fix the input shardings
+  logger = metrics_lib.MetricsLogger(workdir, num_steps, enabled=is_main)
+  window = metrics_lib.WindowAverages()
+  last_logged: dict[str, float] = {}
+  pending = None  # (step, device metrics) of the previous step: checked one step late so the
+  # host never waits on the step it just dispatched.
+  window_audio_s = 0.0
+  logger.start(start)
+  t_first = None
+
+  def drain(pending_item):
+    nonlocal window_audio_s
+    s, dev_metrics = pending_item
+    host = {k: float(v) for k, v in jax.device_get(dev_metrics).items()}
+    _check_finite(s, host, last_ckpt)
+    window_audio_s += host.get('audio_seconds', 0.0)
+    window.update(host)
+    return s
+
+  try:
+    for step in range(start, num_steps):
+      host_batch = next(train_iter)
+      batch = data_lib.to_global(host_batch, setup.mesh)
+      if train_step is None:
+        train_step = step_lib.jit_train_step(setup, batch)
+      with jax.transfer_guard('disallow'):
+        state, dev_metrics = train_step(state, batch)
+      if t_first is None:
+        t_first = time.perf_counter()
+      done = step + 1
+      if pending is not None:
+        drain(pending)
+      pending = (done, dev_metrics)
+      if done % log_every == 0 or done == num_steps or (ckpt_every and done % ckpt_every == 0):
+        drain(pending)
+        pending = None
+        if done % log_every == 0 or done == num_steps:
+          last_logged = window.compute_and_reset()
+          line = logger.write(done, last_logged, window_audio_s)
+          window_audio_s = 0.0
+          if is_main:
+            logging.info('%s', line)
+        if ckpt_every and (done % ckpt_every == 0 or done == num_steps):
+          checkpointer.save(done, state, train_iter, force=True)
+          last_ckpt = done
+        kill_after = int(config.train.kill_after_step)
+        if kill_after and done == kill_after:
+          checkpointer.wait()
+          logging.warning('config.train.kill_after_step=%d: SIGKILL (fault injection)', done)
+          os.kill(os.getpid(), signal.SIGKILL)
+    if pending is not None:
+      drain(pending)
+  finally:
+    checkpointer.close()
+    logger.close()
+  if is_main:
+    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
+      json.dump({'step': num_steps, **last_logged}, f, indent=1)
+  return last_logged
