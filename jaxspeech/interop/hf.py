@@ -1,0 +1,326 @@
+"""HF transformers checkpoints (wav2vec2 / HuBERT / WavLM) <-> jaxspeech encoder parameters.
+
+A checkpoint directory holds `config.json` and `model.safetensors` (read with `safetensors.numpy`,
+no torch needed), a sharded `model.safetensors.index.json`, or `pytorch_model.bin` (needs torch).
+Every checkpoint key must map to an encoder parameter and every encoder parameter must be found;
+otherwise `CheckpointError` lists the offending keys. Heads of task models (e.g. `lm_head` of
+`*ForCTC`) are not part of the encoder: skip them with `ignore=`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
+
+_PREFIXES = ("wav2vec2.", "hubert.", "wavlm.")
+TASK_HEADS = (
+  r"^(lm_head|projector|classifier|quantizer|project_q|project_hid|final_proj|"
+  r"label_embs_concat|dropout|tdnn|feature_extractor_head|objective)\b"
+)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that does not match the encoder; the message lists the keys."""
+
+
+def config_from_hf(d: dict) -> EncoderConfig:
+  """HF `config.json` dict -> EncoderConfig. Unsupported architecture options raise."""
+  mt = d.get("model_type")
+  if mt not in ("wav2vec2", "hubert", "wavlm"):
+    raise CheckpointError(f"model_type {mt!r} is not a wav2vec2/hubert/wavlm checkpoint")
+  unsupported = {
+    "add_adapter": False,
+    "conv_pos_batch_norm": False,
+    "use_weighted_layer_sum": None,
+  }
+  for key, ok in unsupported.items():
+    if ok is not None and d.get(key, ok) != ok:
+      raise NotImplementedError(f"config.json: {key}={d[key]!r} is not supported by jaxspeech")
+  if d.get("feat_extract_activation", "gelu") != "gelu":
+    raise NotImplementedError(
+      f"config.json: feat_extract_activation={d['feat_extract_activation']!r} (only gelu)"
+    )
+  if d.get("position_embeddings_type") not in (None, "conv"):
+    raise NotImplementedError(
+      f"config.json: position_embeddings_type={d['position_embeddings_type']!r} (only conv)"
+    )
+  fields = {f for f in EncoderConfig.__dataclass_fields__ if f != "dtype"}
+  kw = {k: d[k] for k in fields if k in d}
+  kw["model_type"] = mt
+  return EncoderConfig(**kw)
+
+
+def config_to_hf(cfg: EncoderConfig) -> dict:
+  d = {k: v for k, v in cfg.to_dict().items() if k != "dtype"}
+  d.update({k: list(v) for k, v in d.items() if isinstance(v, tuple)})
+  d["num_feat_extract_layers"] = len(cfg.conv_dim)
+  d["feat_extract_activation"] = "gelu"
+  d["mask_time_prob"] = 0.05  # keeps `masked_spec_embed` in HF's model
+  d["architectures"] = [
+    {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel", "wavlm": "WavLMModel"}[cfg.model_type]
+  ]
+  return d
+
+
+# (HF key regex, jaxspeech path template, numpy transform HF->jax)
+_T = lambda a: np.ascontiguousarray(a.T)  # Linear: torch (out, in) -> (in, out)
+_CONV = lambda a: np.ascontiguousarray(a.transpose(2, 1, 0))  # Conv1d (O, I, K) -> (K, I, O)
+_ID = lambda a: a
+_RULES: list[tuple[str, str, Callable]] = [
+  (
+    r"feature_extractor\.conv_layers\.(\d+)\.conv\.weight",
+    r"feature_extractor/conv_layers/\1/conv/kernel",
+    _CONV,
+  ),
+  (
+    r"feature_extractor\.conv_layers\.(\d+)\.conv\.bias",
+    r"feature_extractor/conv_layers/\1/conv/bias",
+    _ID,
+  ),
+  (
+    r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.weight",
+    r"feature_extractor/conv_layers/\1/norm/scale",
+    _ID,
+  ),
+  (
+    r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.bias",
+    r"feature_extractor/conv_layers/\1/norm/bias",
+    _ID,
+  ),
+  (r"feature_projection\.layer_norm\.weight", "feature_projection/layer_norm/scale", _ID),
+  (r"feature_projection\.layer_norm\.bias", "feature_projection/layer_norm/bias", _ID),
+  (r"feature_projection\.projection\.weight", "feature_projection/projection/kernel", _T),
+  (r"feature_projection\.projection\.bias", "feature_projection/projection/bias", _ID),
+  (r"masked_spec_embed", "masked_spec_embed", _ID),
+  (
+    r"encoder\.pos_conv_embed\.conv\.(?:parametrizations\.weight\.original0|weight_g)",
+    "encoder/pos_conv_embed/weight_g",
+    lambda a: a.reshape(-1),
+  ),
+  (
+    r"encoder\.pos_conv_embed\.conv\.(?:parametrizations\.weight\.original1|weight_v)",
+    "encoder/pos_conv_embed/weight_v",
+    _CONV,
+  ),
+  (r"encoder\.pos_conv_embed\.conv\.bias", "encoder/pos_conv_embed/bias", _ID),
+  (r"encoder\.layer_norm\.weight", "encoder/layer_norm/scale", _ID),
+  (r"encoder\.layer_norm\.bias", "encoder/layer_norm/bias", _ID),
+  (
+    r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj|gru_rel_pos_linear)\.weight",
+    r"encoder/layers/\1/attention/\2/kernel",
+    _T,
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.attention\.(q_proj|k_proj|v_proj|out_proj|gru_rel_pos_linear)\.bias",
+    r"encoder/layers/\1/attention/\2/bias",
+    _ID,
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.attention\.gru_rel_pos_const",
+    r"encoder/layers/\1/attention/gru_rel_pos_const",
+    lambda a: a.reshape(-1),
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.attention\.rel_attn_embed\.weight",
+    r"encoder/layers/\1/attention/rel_attn_embed/embedding",
+    _ID,
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.(layer_norm|final_layer_norm)\.weight",
+    r"encoder/layers/\1/\2/scale",
+    _ID,
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.(layer_norm|final_layer_norm)\.bias",
+    r"encoder/layers/\1/\2/bias",
+    _ID,
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.feed_forward\.(intermediate_dense|output_dense)\.weight",
+    r"encoder/layers/\1/feed_forward/\2/kernel",
+    _T,
+  ),
+  (
+    r"encoder\.layers\.(\d+)\.feed_forward\.(intermediate_dense|output_dense)\.bias",
+    r"encoder/layers/\1/feed_forward/\2/bias",
+    _ID,
+  ),
+]
+_COMPILED = [(re.compile(p + r"$"), t, f) for p, t, f in _RULES]
+OPTIONAL = ("masked_spec_embed",)  # HF omits it when the config has no masking
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Raw tensors of an HF checkpoint directory as numpy float32 arrays."""
+  path = os.fspath(path)
+  st, idx, pt = (
+    os.path.join(path, n)
+    for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+  )
+  if os.path.exists(st) or os.path.exists(idx):
+    from safetensors.numpy import load_file
+
+    files = (
+      [st]
+      if os.path.exists(st)
+      else sorted({os.path.join(path, f) for f in json.load(open(idx))["weight_map"].values()})
+    )
+    sd = {}
+    for f in files:
+      sd.update(load_file(f))
+  elif os.path.exists(pt):
+    try:
+      import torch
+    except ImportError as e:
+      raise CheckpointError(
+        f"{pt}: reading pytorch_model.bin needs torch "
+        "(pip install jaxspeech[interop]); safetensors does not"
+      ) from e
+    sd = {
+      k: v.float().numpy() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()
+    }
+  else:
+    raise CheckpointError(
+      f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
+  return {k: np.asarray(v, dtype=np.float32) for k, v in sd.items()}
+
+
+def _set(tree: dict, path: str, value):
+  keys = [int(k) if k.isdigit() else k for k in path.split("/")]
+  for k in keys[:-1]:
+    tree = tree.setdefault(k, {})
+  tree[keys[-1]] = value
+
+
+def _flat_paths(tree, prefix=()) -> dict[str, object]:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat_paths(v, prefix + (str(k),)))
+    else:
+      out["/".join(prefix + (str(k),))] = v
+  return out
+
+
+def convert_state_dict(
+  sd: dict[str, np.ndarray], cfg: EncoderConfig, ignore: str | None = TASK_HEADS
+) -> dict:
+  """HF state dict -> nested pure dict for `nnx.replace_by_pure_dict` on a SpeechEncoder."""
+  ref = _flat_paths(
+    nnx.to_pure_dict(
+      nnx.state(nnx.eval_shape(lambda: SpeechEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    )
+  )
+  ign = re.compile(ignore) if ignore else None
+  out, found, unknown, bad_shape = {}, set(), [], []
+  for key, arr in sd.items():
+    k = key
+    for p in _PREFIXES:
+      if k.startswith(p):
+        k = k[len(p) :]
+        break
+    if ign is not None and ign.search(k):
+      continue
+    for rx, tmpl, fn in _COMPILED:
+      m = rx.match(k)
+      if m:
+        path, val = m.expand(tmpl), fn(arr)
+        break
+    else:
+      unknown.append(key)
+      continue
+    if path not in ref:
+      unknown.append(key)
+      continue
+    if tuple(ref[path].shape) != val.shape:
+      bad_shape.append(f"{key}: {val.shape} vs expected {tuple(ref[path].shape)}")
+      continue
+    _set(out, path, val)
+    found.add(path)
+  missing = sorted(p for p in ref if p not in found and p not in OPTIONAL)
+  if unknown or missing or bad_shape:
+    msg = []
+    if unknown:
+      msg.append(f"unknown keys ({len(unknown)}): {sorted(unknown)}")
+    if missing:
+      msg.append(f"missing parameters ({len(missing)}): {missing}")
+    if bad_shape:
+      msg.append(f"shape mismatches: {bad_shape}")
+    raise CheckpointError("checkpoint does not match the encoder config; " + "; ".join(msg))
+  return out
+
+
+def load_hf_checkpoint(path: str | os.PathLike, ignore: str | None = TASK_HEADS):
+  """Reads an HF checkpoint dir. Returns (EncoderConfig, nested pure dict of params)."""
+  path = os.fspath(path)
+  cfg_path = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_path):
+    raise CheckpointError(f"{cfg_path}: no such file (not an HF checkpoint directory)")
+  with open(cfg_path) as f:
+    cfg = config_from_hf(json.load(f))
+  return cfg, convert_state_dict(read_state_dict(path), cfg, ignore=ignore)
+
+
+def load_encoder(path: str | os.PathLike, **config_overrides) -> SpeechEncoder:
+  """An HF checkpoint directory as a ready SpeechEncoder (e.g. dtype='bfloat16')."""
+  cfg, params = load_hf_checkpoint(path)
+  if config_overrides:
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, **config_overrides)
+  model = nnx.eval_shape(lambda: SpeechEncoder(cfg, rngs=nnx.Rngs(0)))
+  state = nnx.state(model, nnx.Param)
+  if "masked_spec_embed" not in params:  # keep a deterministic init for the optional vector
+    params["masked_spec_embed"] = np.zeros((cfg.hidden_size,), np.float32)
+  nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, params))
+  nnx.update(model, state)
+  return model
+
+
+def to_hf_state_dict(model: SpeechEncoder) -> dict[str, np.ndarray]:
+  """Encoder params -> HF base-model state dict (weight-norm stored as weight_g / weight_v)."""
+  flat = _flat_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  out = {}
+  for path, val in flat.items():
+    a = np.asarray(val, dtype=np.float32)
+    key = path.replace("/", ".")
+    if path == "encoder/pos_conv_embed/weight_g":
+      out["encoder.pos_conv_embed.conv.weight_g"] = a.reshape(1, 1, -1)
+    elif path == "encoder/pos_conv_embed/weight_v":
+      out["encoder.pos_conv_embed.conv.weight_v"] = a.transpose(2, 1, 0)
+    elif path == "encoder/pos_conv_embed/bias":
+      out["encoder.pos_conv_embed.conv.bias"] = a
+    elif path.endswith("gru_rel_pos_const"):
+      out[key] = a.reshape(1, -1, 1, 1)
+    elif path.endswith("rel_attn_embed/embedding"):
+      out[key.replace(".embedding", ".weight")] = a
+    elif path.startswith("feature_extractor") and path.endswith("conv/kernel"):
+      out[key.replace(".kernel", ".weight")] = a.transpose(2, 1, 0)
+    elif path.startswith("feature_extractor") and "/norm/" in path:
+      out[key.replace(".norm.", ".layer_norm.").replace(".scale", ".weight")] = a
+    elif path.endswith("/kernel"):
+      out[key.replace(".kernel", ".weight")] = a.T
+    elif path.endswith("/scale"):
+      out[key.replace(".scale", ".weight")] = a
+    else:
+      out[key] = a
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def save_hf_checkpoint(model: SpeechEncoder, path: str | os.PathLike) -> None:
+  """Writes `config.json` + `model.safetensors` that transformers' *Model classes load."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_hf(model.config), f, indent=2)
+  save_file(to_hf_state_dict(model), os.path.join(path, "model.safetensors"))
