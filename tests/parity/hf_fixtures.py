@@ -1,4 +1,4 @@
-"""Random-init HF transformers encoders saved with `save_pretrained`, and real speech to run them on."""
+"""Random-init HF encoders saved with `save_pretrained`, and real speech to run them on."""
 
 from __future__ import annotations
 
