@@ -199,11 +199,13 @@ _LAYOUT_FNS = {
 
 def _probe(path: str) -> tuple[int, int]:
   """(n_samples, sample_rate) after a full decode; AudioError names the file if it is bad."""
-  sr = read_info(path).samplerate
+  info = read_info(path)
   # Decode everything (not only the header): a truncated or NaN file must fail here, not at
   # step 10k of training.
   n = load_audio(path, target_sr=None).shape[0]
-  return n, sr
+  if n != info.frames:
+    raise AudioError(f"{path}: corrupt or truncated (header says {info.frames} samples, {n} read)")
+  return n, info.samplerate
 
 
 def build_manifest(
