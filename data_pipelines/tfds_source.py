@@ -59,8 +59,10 @@ def write_tfds(
         wav = load_audio(r["path"], target_sr=None)  # AudioError names a bad file
         pcm = np.clip(np.round(wav * 32768), -32768, 32767).astype(np.int16)
         uid = str(r.get("id", k))
-        yield uid, {"audio": pcm, "sample_rate": int(r["sample_rate"]),
-                    "speaker_id": str(r["speaker"]), "text": r.get("text", ""), "id": uid}  # fmt: skip
+        yield uid, {
+          "audio": pcm, "sample_rate": int(r["sample_rate"]), "speaker_id": str(r["speaker"]),
+          "text": r.get("text", ""), "id": uid,
+        }  # fmt: skip
 
   _Builder.name = name
   builder = _Builder(data_dir=os.fspath(data_dir), file_format="array_record")

@@ -1,10 +1,11 @@
-"""Shared fixtures: real recordings in ../shared/data (read in place) and a small synthetic corpus."""
+"""Fixtures: real recordings in ../shared/data (read in place), a small synthetic corpus."""
 
 import os
 
 import pytest
 
-SHARED = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data"))
+HERE = os.path.dirname(__file__)
+SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "..", "shared", "data"))
 
 
 def shared(*parts):

@@ -95,7 +95,8 @@ def test_text_file(tmp_path):
   tf.write_text("Hello there.\n\nA measure of joy.\n")
   r = subprocess.run([sys.executable, "-m", "data_pipelines.synth", "--out", str(tmp_path / "o"),
                       "--num-utterances", "3", "--voices", "us2,us3", "--text-file", str(tf),
-                      "--seed", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+                      "--seed", "1"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
   assert r.returncode == 0, r.stderr
   rows = read_manifest(tmp_path / "o" / "manifest.jsonl")
   assert [r["text"] for r in rows] == ["Hello there.", "A measure of joy.", "Hello there."]
