@@ -1,6 +1,6 @@
 """Feature extraction: hidden states of an encoder checkpoint for a list of audio files.
 
-    python -m jaxspeech.extract --checkpoint HF_DIR --audio a.wav b.flac --layers all --out feats.npz
+    python -m jaxspeech.extract --checkpoint DIR --audio a.wav b.flac --layers all --out f.npz
 
 Writes one float32 array [T, D] per file and layer under the key "<file stem>/layer_<i>",
 i = 0..L: exactly HF transformers' `hidden_states[i]` (`output_hidden_states=True`). Audio is
