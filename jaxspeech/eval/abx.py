@@ -149,6 +149,8 @@ def abx_error(
   metric: str = "cosine",
   max_frames: int | None = None,
   batch_size: int = 512,
+  max_items_per_cell: int | None = None,
+  seed: int = 0,
 ) -> dict[str, float]:
   """ABX error rates (percent) within and across speakers.
 
@@ -157,6 +159,9 @@ def abx_error(
     labels, contexts, speakers: per-item category (phone), context, speaker.
     metric: ``"cosine"`` or ``"angular"`` frame distance.
     max_frames: truncate items longer than this (bounds the DTW size).
+    batch_size: item pairs per DTW call (fixed shape: one compilation).
+    max_items_per_cell: keep at most this many random items per (context, speaker, label) cell
+      (bounds the quadratic number of pairs on large corpora); ``seed`` picks them.
 
   Returns:
     ``{"abx_within": %, "abx_across": %, "num_within_cells": n, "num_across_cells": n}``;
@@ -168,9 +173,13 @@ def abx_error(
   cells: dict = defaultdict(list)  # (context, speaker, label) -> item indices
   for k, key in enumerate(zip(contexts, speakers, labels)):
     cells[key].append(k)
+  if max_items_per_cell is not None:
+    rng = np.random.default_rng(seed)
+    cells = {key: sorted(rng.permutation(idx)[:max_items_per_cell].tolist()) if
+             len(idx) > max_items_per_cell else idx for key, idx in cells.items()}
   by_context: dict = defaultdict(list)
-  for k, c in enumerate(contexts):
-    by_context[c].append(k)
+  for (c, _, _), idx in cells.items():
+    by_context[c].extend(idx)
 
   # DTW distances for every pair of items sharing a context (all triplets live in one context).
   pairs = np.array([p for idx in by_context.values() for p in itertools.combinations(idx, 2)],

@@ -88,6 +88,10 @@ def test_known_answers():
   res = abx_error(feats, labels, ctxs, spks)
   assert res["abx_within"] == 0.0
   assert res["abx_across"] == pytest.approx(100.0 * 2 / 6)
+  # Subsampling cells keeps the known answers and shrinks the counts of triplets, not of cells.
+  res = abx_error(feats, labels, ctxs, spks, max_items_per_cell=2)
+  assert res["abx_within"] == 0.0 and res["abx_across"] == pytest.approx(100.0 * 2 / 6)
+  assert res["num_within_cells"] == 24
   # Pure noise: near chance.
   noise = [rng.normal(size=f.shape).astype(np.float32) for f in feats]
   res = abx_error(noise, labels, ctxs, spks)
