@@ -1,0 +1,215 @@
+"""DinoSR: masked prediction with self-distillation and online clustering (Liu et al., 2023).
+
+Reference: Alexander-H-Liu/dinosr `models/dinosr.py`, `config/base.yaml` (SEEDS §2).
+
+* Student: CNN -> LN -> projection -> span mask (p=0.8 of start frames, span 10, masked frames
+  replaced by the encoder's learned `masked_spec_embed`) -> transformer.
+* Teacher: an EMA copy of the **transformer only** (`extra_state['teacher']`, a pure dict shaped
+  like the student's `encoder/encoder` parameters), run in eval mode on the **unmasked** projected
+  features of the shared CNN/projection (before feature-projection dropout, as DinoSR's
+  `pre_encoder_features`), without gradient. Updated after every optimizer step (`post_update`)
+  with the linear decay schedule (`ema_decay_schedule`: 0.999 -> 0.9999 over 30k updates, frozen
+  from 200k).
+* Targets: the teacher's top K block outputs, each instance-normalised over the valid frames of
+  its utterance (`instance_norm_over_time`). Layer k has an online codebook (running sums S_k and
+  counts n_k, `extra_state['codebooks']`, stacked `[K, V, D]` / `[K, V]`); the target unit is the
+  nearest codeword, a = argmin_v ||y - S_v / n_v||^2. The codebooks are updated from the masked
+  frames of the batch (sums over the global batch: plain reductions of the global arrays under
+  jit), with decay tau=0.9 and only for codewords that were used (`codebook_update`).
+* Loss: one linear head W_k per target layer on the student's last hidden state; cross-entropy
+  over masked valid frames, averaged over frames and then over the K layers.
+
+Deviation: DinoSR (after data2vec) takes each layer's FFN output before the final residual/LN as
+the target; here the target is the block output (`hidden_states`), instance-normalised the same
+way.
+
+Metrics: `acc_masked` (mean over layers of the head's accuracy at masked frames, chance is about
+1/V), `loss_layer_k`, `codebook_ppl_k` / `codebook_used_k` (perplexity and fraction of codewords
+used by this batch's targets of layer k, DinoSR's `target_ppl`), `pred_ppl` (perplexity of the
+heads' mean predicted distribution).
+
+Legend: B batch, S samples, T frames (50 Hz), D width, K target layers, V codewords per layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jaxspeech.layers.attention import dense
+from jaxspeech.layers.partitioning import EMBED, VOCAB
+from jaxspeech.methods.base import Method, encoder_config
+from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
+from jaxspeech.ops import codebook as cb
+from jaxspeech.ops import distillation, masking
+
+# Where the transformer's parameters sit in the pure-dict parameter tree of `DinosrModel`.
+TRANSFORMER_PATH = ('encoder', 'encoder')
+
+
+class DinosrModel(nnx.Module):
+  """SpeechEncoder (student) + one linear head per teacher target layer."""
+
+  def __init__(self, enc_cfg: EncoderConfig, num_target_layers: int, codebook_size: int, *,
+               rngs: nnx.Rngs):
+    self.encoder = SpeechEncoder(enc_cfg, rngs=rngs)
+    d = enc_cfg.hidden_size
+    kw = dict(dtype=jnp.dtype(enc_cfg.dtype), param_dtype=jnp.float32, rngs=rngs)
+    self.heads = nnx.List([dense(d, codebook_size, (EMBED, VOCAB), **kw)
+                           for _ in range(num_target_layers)])
+
+
+def transformer_params(model: DinosrModel) -> dict:
+  """Pure dict of the student transformer's parameters (the teacher's shape)."""
+  return nnx.to_pure_dict(nnx.state(model.encoder.encoder, nnx.Param))
+
+
+def run_teacher(model: DinosrModel, teacher: dict, x: jax.Array, frame_mask: jax.Array,
+                num_layers: int) -> tuple[jax.Array, ...]:
+  """The student's transformer architecture with the teacher's weights, eval mode, no gradient.
+
+  `x [B, T, D]` unmasked projected features; returns the L+1 hidden states `[B, T, D]`.
+  """
+  graphdef, params, rest = nnx.split(model.encoder.encoder, nnx.Param, ...)
+  nnx.replace_by_pure_dict(params, jax.tree.map(jax.lax.stop_gradient, teacher))
+  module = nnx.merge(graphdef, params, rest)
+  hidden, _ = module(jax.lax.stop_gradient(x), frame_mask, deterministic=True,
+                     num_layers=num_layers)
+  return tuple(jax.lax.stop_gradient(h) for h in hidden)
+
+
+def dinosr_targets(hidden: tuple[jax.Array, ...], frame_mask: jax.Array, k: int) -> jax.Array:
+  """Top-k block outputs, instance-normalised over valid frames: `[K, B, T, D]` float32."""
+  top = jnp.stack(hidden[-k:], axis=0)  # [K, B, T, D]
+  return distillation.instance_norm_over_time(top, frame_mask)
+
+
+def assign_and_update(codebooks: cb.CodebookState, targets: jax.Array, select: jax.Array,
+                      decay: float) -> tuple[jax.Array, cb.CodebookState]:
+  """Nearest codeword of every frame per layer and the EMA codebook update from `select` frames.
+
+  `codebooks` stacked `[K, V, D]` / `[K, V]`; `targets [K, B, T, D]`; `select [B, T]`.
+  Returns (codes `[K, B, T]` int32 from the codebooks *before* the update, updated codebooks).
+  """
+
+  def one(state, y):
+    codes, _ = cb.nearest_codeword(y, cb.codebook_embeddings(state))  # [B, T]
+    return codes, cb.codebook_update(state, y, codes, select, decay)
+
+  return jax.vmap(one)(codebooks, targets)
+
+
+class DinosrPretraining(Method):
+  """DinoSR pretraining (see the module docstring)."""
+
+  name = 'dinosr'
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.enc_cfg = encoder_config(config.model)
+    m = config.method
+    self.num_layers = self.enc_cfg.num_hidden_layers
+    self.k = int(m.average_top_k_layers)
+    if not 1 <= self.k <= self.num_layers:
+      raise ValueError(f'config.method.average_top_k_layers={self.k} must be in '
+                       f'1..{self.num_layers} (the encoder layers)')
+    self.v = int(m.codebook_size)
+    self.num_samples = int(config.data.num_samples)
+    self.num_frames = self.enc_cfg.num_frames(self.num_samples)
+    if self.num_frames < 1:
+      raise ValueError(f'config.data.num_samples={self.num_samples} gives no encoder frame')
+
+  @property
+  def _dropout(self) -> bool:
+    c = self.enc_cfg
+    return any(r > 0 for r in (c.hidden_dropout, c.attention_dropout, c.activation_dropout,
+                                c.feat_proj_dropout))
+
+  def init(self, rng):
+    p_rng, c_rng = jax.random.split(rng)
+    model = DinosrModel(self.enc_cfg, self.k, self.v, rngs=nnx.Rngs(params=p_rng))
+    d = self.enc_cfg.hidden_size
+    codebooks = jax.vmap(lambda key: cb.init_codebook(key, self.v, d))(
+      jax.random.split(c_rng, self.k))  # sums [K, V, D], counts [K, V]
+    # The teacher starts as an exact copy of the student's transformer.
+    teacher = jax.tree.map(jnp.array, transformer_params(model))
+    return model, {'teacher': teacher, 'codebooks': codebooks}
+
+  def extra_state_logical_axes(self, extra_state):
+    """The teacher is sharded like the student transformer; codebooks are replicated."""
+    from jaxspeech.train import partitioning
+
+    def student_axes():
+      model = DinosrModel(self.enc_cfg, self.k, self.v, rngs=nnx.Rngs(params=0))
+      return nnx.state(model.encoder.encoder, nnx.Param)
+
+    teacher_axes = partitioning.param_logical_axes(nnx.eval_shape(student_axes))
+    return {'teacher': teacher_axes,
+            'codebooks': jax.tree.map(lambda _: None, extra_state['codebooks'])}
+
+  def loss_fn(self, model: DinosrModel, extra_state, batch, rng):
+    m = self.config.method
+    wav, wav_mask = batch['audio'], batch['audio_mask']  # [B, S]
+    mask_rng, drop_rng, enc_rng = jax.random.split(rng, 3)
+    dropout = self._dropout
+    enc = model.encoder
+    # Unmasked projected features, before feature-projection dropout (the teacher's input).
+    x, _, frame_mask = enc.embed(wav, wav_mask, deterministic=True)  # [B, T, D], [B, T]
+    masked = masking.span_mask(mask_rng, frame_mask, float(m.mask_prob), int(m.mask_length))
+    x_s = x
+    rate = self.enc_cfg.feat_proj_dropout
+    if dropout and rate > 0:
+      keep = jax.random.bernoulli(drop_rng, 1.0 - rate, x.shape)
+      x_s = jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+    x_s = jnp.where(masked[..., None], enc.masked_spec_embed[...].astype(x.dtype), x_s)
+    _, last = enc.encoder(x_s, frame_mask, deterministic=not dropout,
+                          rng=enc_rng if dropout else None)  # [B, T, D]
+
+    hidden_t = run_teacher(model, extra_state['teacher'], x, frame_mask, self.num_layers)
+    targets = dinosr_targets(hidden_t, frame_mask, self.k)  # [K, B, T, D]
+    select = masked & frame_mask  # [B, T]
+    codes, codebooks = assign_and_update(extra_state['codebooks'], targets, select,
+                                         float(m.codebook_decay))  # [K, B, T]
+
+    sel = select.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(sel), 1.0)
+    metrics = {}
+    losses, accs, probs = [], [], []
+    for i, head in enumerate(model.heads):
+      logits = head(last).astype(jnp.float32)  # [B, T, V]
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes[i])  # [B, T]
+      loss_i = jnp.sum(ce * sel) / n
+      hit = (jnp.argmax(logits, -1) == codes[i]).astype(jnp.float32)
+      losses.append(loss_i)
+      accs.append(jnp.sum(hit * sel) / n)
+      probs.append(jnp.sum(jax.nn.softmax(logits, -1) * sel[..., None], axis=(0, 1)) / n)  # [V]
+      usage = cb.codebook_usage(codes[i], select, self.v)
+      metrics[f'loss_layer_{i}'] = loss_i
+      metrics[f'codebook_ppl_{i}'] = usage['perplexity']
+      metrics[f'codebook_used_{i}'] = usage['used_fraction']
+    loss = sum(losses) / self.k
+    p = jnp.mean(jnp.stack(probs), 0)  # [V]
+    metrics.update(
+      acc_masked=sum(accs) / self.k,
+      pred_ppl=jnp.exp(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)))),
+      codebook_used_min=jnp.min(jnp.stack([metrics[f'codebook_used_{i}']
+                                           for i in range(self.k)])),
+      masked_fraction=jnp.sum(sel) / jnp.maximum(jnp.sum(frame_mask), 1),
+    )
+    return loss, (metrics, {**extra_state, 'codebooks': codebooks})
+
+  def teacher_decay(self, step):
+    m = self.config.method
+    freeze = int(m.freeze_teacher_step)
+    return distillation.ema_decay_schedule(step, float(m.ema_decay), float(m.ema_end_decay),
+                                           int(m.ema_anneal_end_step),
+                                           freeze if freeze > 0 else None)
+
+  def post_update(self, params, extra_state, step):
+    student = params
+    for key in TRANSFORMER_PATH:
+      student = student[key]
+    teacher = distillation.ema_update(extra_state['teacher'], student, self.teacher_decay(step))
+    return params, {**extra_state, 'teacher': teacher}
