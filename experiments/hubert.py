@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxspeech.methods.base import model_config
+
 # Logical axis -> mesh axes (maxtext-style rules; parallelism is data). Logical names are those
 # the layers put on their weights (jaxspeech/layers/partitioning.py).
 DEFAULT_RULES = (
@@ -40,9 +42,12 @@ DEFAULT_RULES = (
 )
 
 
+VARIANTS = ('tiny', 'paper')
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or 'tiny'
-  if variant not in ('tiny', 'paper'):
+  if variant not in VARIANTS:
     raise ValueError(f'experiments/hubert.py: unknown variant {variant!r} (tiny, paper)')
   tiny = variant == 'tiny'
   c = ml_collections.ConfigDict()
@@ -51,12 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (encoder parameters via jaxspeech.interop). '' = start from scratch.
   c.init_from = ''
 
-  c.model = ml_collections.ConfigDict()
-  c.model.preset = 'tiny' if tiny else 'hubert-base'
-  # EncoderConfig fields replacing the preset's (e.g. {'num_hidden_layers': 2}).
-  c.model.overrides = ml_collections.ConfigDict(
-    {} if tiny else {'hidden_dropout': 0.1, 'attention_dropout': 0.1, 'activation_dropout': 0.0,
-                     'feat_proj_dropout': 0.1})
+  # The encoder: an EncoderConfig preset plus any of its fields (None = the preset's value).
+  c.model = model_config('tiny') if tiny else model_config(
+    'hubert-base', hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
+    feat_proj_dropout=0.1)
 
   c.data = ml_collections.ConfigDict()
   c.data.manifest = ''  # JSONL manifest (data_pipelines.manifest); '' = the built-in corpus
@@ -110,4 +113,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.final_dim = 64 if tiny else 256
   c.method.logit_temp = 0.1
   c.method.unmasked_weight = 0.0  # HuBERT's alpha=1: loss on masked frames only
+  c.lock()  # a misspelt key is an error, not a silently ignored new field
   return c

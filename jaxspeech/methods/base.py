@@ -68,6 +68,46 @@ class Method:
     return None
 
 
+def model_config(preset: str, **fields):
+  """`config.model` for a SpeechEncoder: the preset name plus every `EncoderConfig` field as a
+  typed placeholder (None = the preset's value), so `--config.model.num_hidden_layers=2` works
+  from the command line and a misspelt field is an error naming it."""
+  import dataclasses
+
+  import ml_collections
+  from ml_collections.config_dict import placeholder
+
+  from jaxspeech.models.speech_encoder import EncoderConfig
+
+  known = {f.name: f for f in dataclasses.fields(EncoderConfig)}
+  unknown = sorted(set(fields) - set(known))
+  if unknown:
+    raise ValueError(f'config.model: unknown EncoderConfig fields {unknown}')
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  defaults = EncoderConfig()
+  for name in known:
+    kind = type(getattr(defaults, name))
+    c[name] = placeholder(kind)
+    if name in fields:
+      c[name] = tuple(fields[name]) if kind is tuple else fields[name]
+  return c
+
+
+def encoder_config(model_cfg):
+  """`config.model` (see `model_config`) -> EncoderConfig."""
+  import dataclasses
+
+  from jaxspeech.models.speech_encoder import EncoderConfig
+
+  known = {f.name for f in dataclasses.fields(EncoderConfig)}
+  unknown = sorted(set(model_cfg.keys()) - known - {'preset'})
+  if unknown:
+    raise ValueError(f'config.model: unknown keys {unknown} (EncoderConfig fields or preset)')
+  overrides = {k: v for k, v in model_cfg.items() if k != 'preset' and v is not None}
+  return EncoderConfig.preset(model_cfg.preset, **overrides)
+
+
 def get_method(config) -> Method:
   """Instantiates `config.method.name`."""
   name = config.method.name

@@ -101,6 +101,22 @@ def assign_and_update(codebooks: cb.CodebookState, targets: jax.Array, select: j
   return jax.vmap(one)(codebooks, targets)
 
 
+def masked_prediction_loss(logits: jax.Array, codes: jax.Array,
+                           select: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """DinoSR's loss: cross-entropy at the `select`ed (masked, valid) frames only.
+
+  `logits [K, B, T, V]`, `codes [K, B, T]`, `select [B, T]`. Returns (loss = mean over layers of
+  the per-layer mean over selected frames, per-layer losses `[K]`, accuracy averaged likewise).
+  """
+  sel = select.astype(jnp.float32)[None]  # [1, B, T]
+  n = jnp.maximum(jnp.sum(sel), 1.0)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), codes)
+  per_layer = jnp.sum(ce * sel, axis=(1, 2)) / n  # [K]
+  hit = (jnp.argmax(logits, -1) == codes).astype(jnp.float32)  # [K, B, T]
+  acc = jnp.mean(jnp.sum(hit * sel, axis=(1, 2)) / n)
+  return jnp.mean(per_layer), per_layer, acc
+
+
 class DinosrPretraining(Method):
   """DinoSR pretraining (see the module docstring)."""
 
@@ -173,26 +189,24 @@ class DinosrPretraining(Method):
     codes, codebooks = assign_and_update(extra_state['codebooks'], targets, select,
                                          float(m.codebook_decay))  # [K, B, T]
 
-    sel = select.astype(jnp.float32)
-    n = jnp.maximum(jnp.sum(sel), 1.0)
+    logits = jnp.stack([head(last) for head in model.heads]).astype(jnp.float32)  # [K, B, T, V]
+    loss, per_layer, acc = masked_prediction_loss(logits, codes, select)
     metrics = {}
-    losses, accs, probs = [], [], []
-    for i, head in enumerate(model.heads):
-      logits = head(last).astype(jnp.float32)  # [B, T, V]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, codes[i])  # [B, T]
-      loss_i = jnp.sum(ce * sel) / n
-      hit = (jnp.argmax(logits, -1) == codes[i]).astype(jnp.float32)
-      losses.append(loss_i)
-      accs.append(jnp.sum(hit * sel) / n)
-      probs.append(jnp.sum(jax.nn.softmax(logits, -1) * sel[..., None], axis=(0, 1)) / n)  # [V]
+    counts = []
+    for i in range(self.k):
       usage = cb.codebook_usage(codes[i], select, self.v)
-      metrics[f'loss_layer_{i}'] = loss_i
+      metrics[f'loss_layer_{i}'] = per_layer[i]
       metrics[f'codebook_ppl_{i}'] = usage['perplexity']
       metrics[f'codebook_used_{i}'] = usage['used_fraction']
-    loss = sum(losses) / self.k
-    p = jnp.mean(jnp.stack(probs), 0)  # [V]
+      counts.append(jnp.sum(jax.nn.one_hot(codes[i], self.v) * select[..., None], axis=(0, 1)))
+    sel = select.astype(jnp.float32)
+    n = jnp.maximum(jnp.sum(sel), 1.0)
+    probs = jnp.sum(jax.nn.softmax(logits, -1) * sel[..., None], axis=(1, 2)) / n  # [K, V]
+    p = jnp.mean(probs, 0)  # [V]
     metrics.update(
-      acc_masked=sum(accs) / self.k,
+      acc_masked=acc,
+      # Accuracy of always predicting each layer's most frequent target (mean over layers).
+      majority_baseline=jnp.mean(jnp.max(jnp.stack(counts), -1)) / n,
       pred_ppl=jnp.exp(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-12)))),
       codebook_used_min=jnp.min(jnp.stack([metrics[f'codebook_used_{i}']
                                            for i in range(self.k)])),

@@ -22,7 +22,6 @@ E final_dim, K clusters.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +36,7 @@ from flax import nnx
 from jaxspeech.audio import SAMPLE_RATE
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB, logical
-from jaxspeech.methods.base import Method
+from jaxspeech.methods.base import Method, encoder_config
 from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
 from jaxspeech.ops import kmeans as kmeans_ops
 from jaxspeech.ops import masking
@@ -159,16 +158,6 @@ class HubertPretrainModel(nnx.Module):
     z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-8)
     e = e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-8)
     return jnp.einsum('bte,ke->btk', z, e) / temperature  # [B, T, K]
-
-
-def encoder_config(model_config) -> EncoderConfig:
-  """`config.model` (preset + overrides) -> EncoderConfig, unknown keys named in the error."""
-  overrides = dict(model_config.get('overrides', {}) or {})
-  known = {f.name for f in dataclasses.fields(EncoderConfig)}
-  unknown = sorted(set(overrides) - known)
-  if unknown:
-    raise ValueError(f'config.model.overrides: unknown EncoderConfig keys {unknown}')
-  return EncoderConfig.preset(model_config.preset, **overrides)
 
 
 # ---------------------------------------------------------------------------------------------

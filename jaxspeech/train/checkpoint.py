@@ -68,24 +68,28 @@ def restore_params_from_workdir(workdir: str, abstract_state: PyTree) -> tuple[P
   if not directory.exists():
     raise FileNotFoundError(f'config.init_from={workdir!r}: no {directory} (not a jaxspeech '
                             'workdir with checkpoints, nor an HF checkpoint folder)')
-  mngr = ocp.CheckpointManager(directory, item_names=('state', 'data'))
-  step = mngr.latest_step()
-  if step is None:
-    raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} holds no checkpoint')
-  meta = mngr.item_metadata(step)['state']
-  abstract_params = abstract_state['params']
-  saved_params = meta['params'] if 'params' in meta else None
-  if saved_params is None:
-    raise ValueError(f'config.init_from={workdir!r}: checkpoint {step} has no params')
-  _check_same_tree(abstract_params, saved_params, f'config.init_from={workdir!r}')
-  # Restore only 'params' (partial restore): other state items are left as placeholders.
-  target = jax.tree.map(lambda _: ocp.PLACEHOLDER, dict(meta))
-  target['params'] = abstract_params
-  restored = mngr.restore(step, args=ocp.args.Composite(
-    state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
-      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if hasattr(a, 'sharding')
-      else ocp.RestoreArgs(), target))))
-  mngr.close()
+  mngr = ocp.CheckpointManager(
+    directory, item_names=('state', 'data'),
+    item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  try:
+    step = mngr.latest_step()
+    if step is None:
+      raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} holds no checkpoint')
+    meta = mngr.item_metadata(step)['state']
+    meta = getattr(meta, 'tree', meta)
+    if not isinstance(meta, dict) or 'params' not in meta:
+      raise ValueError(f'config.init_from={workdir!r}: checkpoint {step} has no params')
+    abstract_params = abstract_state['params']
+    _check_same_tree(abstract_params, meta['params'], f'config.init_from={workdir!r}')
+    # Partial restore: only the 'params' subtree is read, into this run's shardings.
+    target = {'params': abstract_params}
+    restore_args = {'params': jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      abstract_params)}
+    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=restore_args, partial_restore=True)))
+  finally:
+    mngr.close()
   return restored['state']['params'], step
 
 

@@ -83,7 +83,8 @@ class MetricsLogger:
   def start(self, step: int) -> None:
     self._t0, self._step0 = time.perf_counter(), step
 
-  def write(self, step: int, scalars: dict[str, float], audio_seconds: float) -> str:
+  def write(self, step: int, scalars: dict[str, float], audio_seconds: float,
+            extra: dict | None = None) -> str:
     """Logs one row; returns the progress line. Rates are over the window since the last row
     (the first window includes compilation)."""
     now = time.perf_counter()
@@ -93,7 +94,7 @@ class MetricsLogger:
     hours_s = audio_seconds / 3600.0 / elapsed if elapsed > 0 else float('nan')
     eta = (self.num_steps - step) / steps_s if steps_s > 0 else float('nan')
     row = {'step': int(step), **{k: _finite_or_str(v) for k, v in scalars.items()},
-           'steps_per_sec': steps_s, 'audio_hours_per_sec': hours_s}
+           'steps_per_sec': steps_s, 'audio_hours_per_sec': hours_s, **(extra or {})}
     line = (f'step {step}/{self.num_steps} loss {scalars.get("loss", float("nan")):.4f} '
             + ' '.join(f'{k} {v:.4g}' for k, v in scalars.items()
                        if k not in ('loss', 'audio_seconds'))

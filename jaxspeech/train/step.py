@@ -83,13 +83,7 @@ def build_setup(config, method: Method, mesh: jax.sharding.Mesh) -> TrainSetup:
   abstract = jax.eval_shape(init_fn, seed_key)
   repl = partitioning.replicated(mesh)
   param_sh = partitioning.shardings_for(abstract['params'], param_axes, mesh, rules)
-  # Optimizer moments mirror their parameter's sharding; scalars (counts) are replicated.
-  opt_sh = optax.tree_map_params(
-    tx, lambda _, s: s, abstract['opt_state'], param_sh,
-    transform_non_params=lambda _: repl, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-  opt_sh = jax.tree.map(
-    lambda a, s: s if isinstance(s, jax.sharding.Sharding) and len(s.spec) <= a.ndim else repl,
-    abstract['opt_state'], opt_sh, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+  opt_sh = _mirror_param_shardings(abstract['opt_state'], abstract['params'], param_sh, repl)
   extra_axes = method.extra_state_logical_axes(abs_extra)
   shardings = {
     'step': repl,
@@ -104,6 +98,26 @@ def build_setup(config, method: Method, mesh: jax.sharding.Mesh) -> TrainSetup:
   return TrainSetup(method=method, graphdef=box['graphdef'], tx=tx, schedule=schedule,
                     trainable=trainable, mesh=mesh, rules=rules, abstract_state=abstract,
                     state_shardings=shardings, init_fn=init_fn)
+
+
+def _mirror_param_shardings(opt_state, params, param_sh, default):
+  """Optimizer-state leaves whose key path ends with a parameter's path (and have its shape) get
+  that parameter's sharding (Adam's mu/nu, also inside multi_transform / masked states); other
+  leaves (step counts) get `default`."""
+  by_path = {}
+  for (path, p), sh in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                           jax.tree.leaves(param_sh)):
+    by_path[tuple(path)] = (p.shape, sh)
+  depth = max((len(k) for k in by_path), default=0)
+
+  def pick(path, leaf):
+    for k in range(min(depth, len(path)), 0, -1):
+      hit = by_path.get(tuple(path[-k:]))
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def create_train_state(setup: TrainSetup, rng: jax.Array) -> PyTree:

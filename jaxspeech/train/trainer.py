@@ -17,6 +17,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from typing import Any
 
 import jax
@@ -131,6 +132,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   pending = None  # (step, device metrics) of the previous step: checked one step late so the
   # host never waits on the step it just dispatched.
   window_audio_s = 0.0
+  window_crc = 0  # CRC32 of the window's batches (utterance indices + crop offsets): data order
   logger.start(start)
   t_first = None
 
@@ -146,6 +148,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   try:
     for step in range(start, num_steps):
       host_batch = next(train_iter)
+      for k in ('index', 'offset'):
+        if k in host_batch:
+          window_crc = zlib.crc32(np.ascontiguousarray(host_batch[k]).tobytes(), window_crc)
       batch = data_lib.to_global(host_batch, setup.mesh)
       if train_step is None:
         train_step = step_lib.jit_train_step(setup, batch)
@@ -162,8 +167,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         pending = None
         if done % log_every == 0 or done == num_steps:
           last_logged = window.compute_and_reset()
-          line = logger.write(done, last_logged, window_audio_s)
-          window_audio_s = 0.0
+          line = logger.write(done, last_logged, window_audio_s, extra={'data_crc': window_crc})
+          window_audio_s, window_crc = 0.0, 0
           if is_main:
             logging.info('%s', line)
         if ckpt_every and (done % ckpt_every == 0 or done == num_steps):
