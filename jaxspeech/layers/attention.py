@@ -12,7 +12,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxspeech.layers.partitioning import EMBED, HEADS, logical
+from jaxspeech.layers.partitioning import (
+    ACT_BATCH,
+    ACT_HEADS,
+    ACT_LENGTH,
+    EMBED,
+    HEADS,
+    constrain,
+    logical,
+)
 
 DENSE_INIT = nnx.initializers.normal(0.02)  # HF initializer_range
 
@@ -120,6 +128,7 @@ class SelfAttention(nnx.Module):
     q = self.q_proj(x).reshape(b, t, n, h)  # [B, T, N, H]
     k = self.k_proj(x).reshape(b, t, n, h)
     v = self.v_proj(x).reshape(b, t, n, h)
+    q, k, v = (constrain(a, ACT_BATCH, ACT_LENGTH, ACT_HEADS, None) for a in (q, k, v))
     bias = None
     if self.gated_rel_pos:
       if position_bias is None:

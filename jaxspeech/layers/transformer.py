@@ -13,7 +13,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspeech.layers.attention import SelfAttention, dense
-from jaxspeech.layers.partitioning import EMBED, MLP, NORM, norm_metadata
+from jaxspeech.layers.partitioning import (
+    ACT_BATCH,
+    ACT_EMBED,
+    ACT_LENGTH,
+    ACT_MLP,
+    EMBED,
+    MLP,
+    NORM,
+    constrain,
+    norm_metadata,
+)
 
 ACTIVATIONS = {
   "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -117,6 +127,7 @@ class FeedForward(nnx.Module):
   def __call__(self, x, *, deterministic=True, rng=None):
     r1, r2 = (None, None) if rng is None else jax.random.split(rng)
     h = activation(self.act)(self.intermediate_dense(x))  # [B, T, F]
+    h = constrain(h, ACT_BATCH, ACT_LENGTH, ACT_MLP)
     h = dropout(h, self.activation_dropout, deterministic, r1)
     return dropout(self.output_dense(h), self.hidden_dropout, deterministic, r2)
 
@@ -166,6 +177,7 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x, mask, position_bias=None, *, deterministic=True, rng=None):
     r_att, r_drop, r_ff = (None,) * 3 if rng is None else jax.random.split(rng, 3)
+    x = constrain(x, ACT_BATCH, ACT_LENGTH, ACT_EMBED)  # [B, T, D]
     kw = dict(deterministic=deterministic)
     if self.pre_norm:
       h = self.attention(self.layer_norm(x), mask, position_bias, rng=r_att, **kw)

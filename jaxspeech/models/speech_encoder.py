@@ -31,7 +31,14 @@ from flax import nnx
 
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.conv_feature_extractor import ConvFeatureExtractor, conv_output_lengths
-from jaxspeech.layers.partitioning import CONV_OUT, EMBED
+from jaxspeech.layers.partitioning import (
+    ACT_BATCH,
+    ACT_EMBED,
+    ACT_LENGTH,
+    CONV_OUT,
+    EMBED,
+    constrain,
+)
 from jaxspeech.layers.transformer import (
   ConvPositionalEmbedding,
   TransformerBlock,
@@ -262,7 +269,9 @@ class SpeechEncoder(nnx.Module):
     """Conv features and their projection. Returns (projected [B,T,D], features [B,T,C], mask)."""
     lengths = None if wav_mask is None else jnp.sum(wav_mask, axis=-1)
     feats, frame_mask = self.feature_extractor(wav, lengths)  # [B, T, C], [B, T]
+    feats = constrain(feats, ACT_BATCH, ACT_LENGTH, None)
     x, normed = self.feature_projection(feats)  # [B, T, D], [B, T, C]
+    x = constrain(x, ACT_BATCH, ACT_LENGTH, ACT_EMBED)
     x = dropout(x, self.config.feat_proj_dropout, deterministic, rng)
     return x, normed, frame_mask
 
