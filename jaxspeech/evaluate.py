@@ -139,17 +139,18 @@ class EncoderFeatures(Features):
     return ids, fmask
 
 
-def _restore_extra(workdir: str, abstract_extra):
-  """`extra` (teacher, codebooks, ...) of a workdir's latest checkpoint (other items skipped)."""
+def _restore_extra(workdir: str, abstract_state):
+  """`extra` (teacher, codebooks, ...) of a workdir's latest checkpoint (other items skipped).
+
+  The restore target is the configured train state's shapes with every item but `extra` a
+  placeholder, so no checkpoint metadata is needed."""
   import orbax.checkpoint as ocp
 
   mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'))
   step = mngr.latest_step()
-  meta = mngr.item_metadata(step)['state']
-  if 'extra' not in meta:
-    raise EvalError(f'{workdir}: checkpoint {step} has no extra state')
-  target = jax.tree.map(lambda _: ocp.PLACEHOLDER, dict(meta))
-  target['extra'] = abstract_extra
+  target = {k: jax.tree.map(lambda _: ocp.PLACEHOLDER, v) for k, v in abstract_state.items()
+            if k != 'extra'}
+  target['extra'] = abstract_state['extra']
   restored = mngr.restore(step, args=ocp.args.Composite(
     state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if hasattr(a, 'sharding')
@@ -194,7 +195,7 @@ def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
     encoder = getattr(encoder, key)
   codebooks, k = None, 0
   if with_codebook:
-    extra = _restore_extra(workdir, setup.abstract_state['extra'])
+    extra = _restore_extra(workdir, setup.abstract_state)
     if not isinstance(extra, dict) or 'codebooks' not in extra:
       raise EvalError(f'--codebook: {workdir} ({config.method.name}) has no DinoSR codebooks')
     from jaxspeech.ops import codebook as cb

@@ -1,0 +1,191 @@
+"""`python -m jaxspeech.evaluate` on a small synthetic corpus: every task from the MFCC baseline,
+a jaxspeech DinoSR workdir (k-means and its own codebook) and an HF checkpoint directory, plus the
+error cases (exit code 1 with a message naming the problem)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from jaxspeech import evaluate
+
+SMALL_MODEL = {
+  'hidden_size': 32, 'num_hidden_layers': 2, 'num_attention_heads': 2, 'intermediate_size': 64,
+  'conv_dim': (32,) * 7, 'num_conv_pos_embeddings': 16, 'num_conv_pos_embedding_groups': 4,
+}
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """20 utterances, 4 speakers, with alignments."""
+  from data_pipelines import synth
+
+  voices = ['us1', 'us2', 'us3', 'en1']
+  try:
+    synth.check_tools(synth.SPEAKERS[v].voice for v in voices)
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  return synth.synthesize_corpus(tmp_path_factory.mktemp('synth') / 'c', 20, seed=3,
+                                 voices=voices)
+
+
+@pytest.fixture(scope='module')
+def workdir(corpus, tmp_path_factory):
+  """A DinoSR workdir: 6 steps of a 2-layer model, checkpointed at the end."""
+  from experiments import dinosr as exp
+  from jaxspeech.train import trainer
+
+  c = exp.get_config('tiny')
+  for k, v in SMALL_MODEL.items():
+    c.model[k] = v
+  c.data.manifest = corpus
+  c.data.split = ''
+  c.data.num_samples = 8000
+  c.method.average_top_k_layers = 2
+  c.method.codebook_size = 16
+  c.train.num_steps = 6
+  c.train.checkpoint_every = 6
+  c.train.log_every = 3
+  c.train.async_checkpointing = False
+  c.optim.warmup_steps = 2
+  wd = str(tmp_path_factory.mktemp('dinosr_wd'))
+  mp = pytest.MonkeyPatch()
+  mp.setattr(trainer, 'get_method', evaluate.method_for)  # works before and after registration
+  try:
+    trainer.train_and_evaluate(c, wd)
+  finally:
+    mp.undo()
+  return wd
+
+
+def run_cli(capsys, *args):
+  rc = evaluate.main(list(args))
+  out, err = capsys.readouterr()
+  return rc, out, err
+
+
+def check_units(r):
+  assert set(r) == {'pnmi', 'phone_purity', 'cluster_purity'}
+  assert 0.0 < r['pnmi'] < 1.0
+  assert 0.0 < r['phone_purity'] <= 1.0 and 0.0 < r['cluster_purity'] <= 1.0
+
+
+def test_mfcc_every_task(corpus, capsys):
+  rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task', 'units',
+                       '--k', '20')
+  assert rc == 0
+  units = json.loads(out.strip())
+  check_units(units)
+  # 20 clusters of MFCCs carry a good part of the phone information of clean synthetic speech.
+  assert units['pnmi'] > 0.15
+  rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task', 'abx')
+  assert rc == 0
+  abx = json.loads(out.strip())
+  assert set(abx) == {'abx_within', 'abx_across'}
+  assert 0.0 <= abx['abx_within'] < 50.0 and 0.0 <= abx['abx_across'] < 50.0
+  rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task',
+                       'speaker_probe')
+  assert rc == 0
+  probe = json.loads(out.strip())
+  assert set(probe) == {'accuracy'}
+  assert probe['accuracy'] > 0.5  # 4 speakers: chance 0.25
+
+
+def test_workdir_every_task_and_codebook(corpus, workdir, capsys):
+  for layer in ('last', '1'):
+    rc, out, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task',
+                           'units', '--layer', layer, '--k', '10')
+    assert rc == 0, err
+    check_units(json.loads(out))
+  # Layers 1..2 carry codebooks (top 2 of 2).
+  rc, out, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'units',
+                         '--layer', 'last', '--codebook')
+  assert rc == 0, err
+  check_units(json.loads(out))
+  rc, out, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'abx',
+                         '--layer', '2')
+  assert rc == 0, err
+  abx = json.loads(out)
+  assert all(0.0 <= abx[k] <= 100.0 for k in abx) and not any(math.isnan(v) for v in abx.values())
+  rc, out, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task',
+                         'speaker_probe', '--layer', '0')
+  assert rc == 0, err
+  assert 0.0 <= json.loads(out)['accuracy'] <= 1.0
+  # The codebooks are the trained ones (counts start at 1; used codewords' counts moved).
+  counts = np.asarray(evaluate.load_checkpoint(workdir, True).codebooks.counts)  # [K, V]
+  assert counts.shape == (2, 16) and (counts != 1.0).any() and (counts == 1.0).any()
+  # Layer 0 (the transformer input) has no codebook.
+  rc, _, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'units',
+                       '--layer', '0', '--codebook')
+  assert rc == 1 and 'no codebook' in err
+
+
+def test_hf_checkpoint_dir(corpus, tmp_path, capsys):
+  from flax import nnx
+
+  from jaxspeech.interop import hf
+  from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
+
+  model = SpeechEncoder(EncoderConfig.preset('tiny', **SMALL_MODEL), rngs=nnx.Rngs(0))
+  hf.save_hf_checkpoint(model, tmp_path / 'hf')
+  rc, out, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'hf'), '--manifest', corpus,
+                         '--task', 'units', '--layer', '-1', '--k', '8')
+  assert rc == 0, err
+  check_units(json.loads(out))
+  rc, _, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'hf'), '--manifest', corpus,
+                       '--task', 'units', '--codebook')
+  assert rc == 1 and 'codebook' in err
+
+
+def test_errors(corpus, tmp_path, capsys):
+  rc, out, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'nope'), '--manifest', corpus,
+                         '--task', 'units')
+  assert rc == 1 and out == '' and 'no such directory' in err
+  rc, _, err = run_cli(capsys, '--checkpoint', str(tmp_path), '--manifest', corpus,
+                       '--task', 'units')
+  assert rc == 1 and 'neither' in err
+  # A manifest without alignments: fine for the speaker probe, an error for units and abx.
+  rows = [json.loads(line) for line in open(corpus)]
+  bare = tmp_path / 'bare.jsonl'
+  with open(bare, 'w') as f:
+    for r in rows:
+      r.pop('alignment', None)
+      r['path'] = os.path.join(os.path.dirname(corpus), r['path'])
+      f.write(json.dumps(r) + '\n')
+  for task in ('units', 'abx'):
+    rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', str(bare), '--task', task)
+    assert rc == 1 and 'alignment' in err
+  rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', str(bare), '--task',
+                       'speaker_probe')
+  assert rc == 0 and 'accuracy' in json.loads(out)
+  rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', str(tmp_path / 'x.jsonl'),
+                       '--task', 'abx')
+  assert rc == 1 and 'no such file' in err
+  rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task', 'units',
+                       '--split', 'nosuchsplit')
+  assert rc == 1 and 'nosuchsplit' in err
+
+
+def test_subprocess_entry_point(corpus):
+  """The module runs as `python -m jaxspeech.evaluate` and prints exactly one JSON line."""
+  import subprocess
+  import sys
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  p = subprocess.run([sys.executable, '-m', 'jaxspeech.evaluate', '--checkpoint', 'mfcc',
+                      '--manifest', corpus, '--task', 'speaker_probe'], cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr
+  lines = [line for line in p.stdout.splitlines() if line.strip()]
+  assert len(lines) == 1 and 'accuracy' in json.loads(lines[0])
+  p = subprocess.run([sys.executable, '-m', 'jaxspeech.evaluate', '--checkpoint', '/no/such',
+                      '--manifest', corpus, '--task', 'abx'], cwd=repo, env=env,
+                     capture_output=True, text=True, timeout=300)
+  assert p.returncode == 1 and 'error:' in p.stderr
+
+
