@@ -10,8 +10,9 @@ Override any field with `--config.a.b=value` (e.g. `--config.train.num_steps=200
 same command again in the same workdir resumes from its latest checkpoint.
 
 Variants:
-  tiny   minutes on a 2-core CPU: the `tiny` encoder (4 layers, D=128) on the built-in synthetic
-         corpus, 1 s crops, K=50 clusters.
+  tiny   ~4 minutes on a 2-core CPU: the `tiny` encoder (4 layers, D=128, 1.2M parameters) on
+         the built-in synthetic corpus, 8 x 1 s crops, K=50 clusters, 1000 steps, loss weight
+         0.5 on unmasked frames (see `method.unmasked_weight`).
   paper  HuBERT-base iteration 1 as in fairseq's `hubert_base_librispeech.yaml` (Hsu et al.,
          2021): K=100 MFCC clusters, 400k updates (32k linear warm-up, then linear decay), Adam
          lr 5e-4 (betas 0.9/0.98, eps 1e-6, weight decay 0.01), clip 10, mask p=0.8 span 10,
@@ -90,9 +91,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.mesh.rules = DEFAULT_RULES
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 600 if tiny else 400_000
-  c.train.log_every = 25 if tiny else 200
-  c.train.checkpoint_every = 200 if tiny else 5000
+  c.train.num_steps = 1000 if tiny else 400_000
+  c.train.log_every = 50 if tiny else 200
+  c.train.checkpoint_every = 250 if tiny else 5000
   c.train.keep_checkpoints = 2 if tiny else 5
   c.train.async_checkpointing = True
   c.train.seed = 0
@@ -112,6 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.head = 'cosine'  # cosine (HuBERT: projection + codeword embeddings) | linear
   c.method.final_dim = 64 if tiny else 256
   c.method.logit_temp = 0.1
-  c.method.unmasked_weight = 0.0  # HuBERT's alpha=1: loss on masked frames only
+  # Weight of the loss on unmasked frames. paper: 0 (HuBERT's alpha=1, masked frames only).
+  # tiny: 0.5 (HuBERT's ablations use alpha=0.5 too): the local targets teach the conv front-end
+  # fast, which on this CPU budget doubles the masked accuracy reached (measured: 12% vs 6% at
+  # 400 steps; majority-class baseline 7%).
+  c.method.unmasked_weight = 0.5 if tiny else 0.0
   c.lock()  # a misspelt key is an error, not a silently ignored new field
   return c
