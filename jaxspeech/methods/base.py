@@ -109,9 +109,23 @@ def encoder_config(model_cfg):
 
 
 def get_method(config) -> Method:
-  """Instantiates `config.method.name`."""
-  name = config.method.name
-  if name == 'hubert':
-    from jaxspeech.methods.hubert import HubertPretraining
-    return HubertPretraining(config)
-  raise ValueError(f'config.method.name={name!r} is not a known method (known: hubert)')
+  """Instantiates `config.method.name`: the `Method` subclass with that `name` in
+  `jaxspeech/methods/<name>.py` (adding a method needs no registry edit)."""
+  import importlib
+  import re
+
+  name = str(config.method.name)
+  if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
+    raise ValueError(f'config.method.name={name!r} is not a valid method name')
+  try:
+    module = importlib.import_module(f'jaxspeech.methods.{name}')
+  except ModuleNotFoundError as e:
+    if e.name != f'jaxspeech.methods.{name}':
+      raise
+    raise ValueError(f'config.method.name={name!r}: no module jaxspeech/methods/{name}.py') from e
+  found = [v for v in vars(module).values()
+           if isinstance(v, type) and issubclass(v, Method) and v.name == name]
+  if len(found) != 1:
+    raise ValueError(f'config.method.name={name!r}: jaxspeech/methods/{name}.py must define '
+                     f'exactly one Method subclass with name = {name!r} (found {len(found)})')
+  return found[0](config)
