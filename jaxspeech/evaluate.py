@@ -215,7 +215,7 @@ def load_checkpoint(checkpoint: str, with_codebook: bool = False) -> Features:
   if not os.path.isdir(checkpoint):
     raise EvalError(f'--checkpoint {checkpoint}: no such directory (nor "mfcc")')
   if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
-    return load_workdir(checkpoint, with_codebook)
+    return load_workdir(os.path.abspath(checkpoint), with_codebook)  # Orbax needs absolute
   if os.path.exists(os.path.join(checkpoint, 'config.json')):
     if with_codebook:
       raise EvalError('--codebook: an HF checkpoint has no DinoSR codebook')
