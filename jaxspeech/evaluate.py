@@ -159,15 +159,6 @@ def _restore_extra(workdir: str, abstract_state):
   return restored['state']['extra']
 
 
-def method_for(config):
-  """The Method of a training config (dinosr here; others via `base.get_method`)."""
-  if config.method.name == 'dinosr':
-    from jaxspeech.methods.dinosr import DinosrPretraining
-    return DinosrPretraining(config)
-  from jaxspeech.methods.base import get_method
-  return get_method(config)
-
-
 def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
   import ml_collections
   from flax import nnx
@@ -182,7 +173,9 @@ def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
   with open(cfg_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.shape = {'data': 1, 'fsdp': 1, 'model': 1}
-  method = method_for(config)
+  from jaxspeech.methods.base import get_method
+
+  method = get_method(config)
   mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
   setup = step_lib.build_setup(config, method, mesh)
   params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state)
