@@ -3,8 +3,10 @@ batches, and host batches -> global arrays on the mesh (batch over ('data', 'fsd
 
 from __future__ import annotations
 
+import math
 import os
 
+import jax
 import numpy as np
 
 from data_pipelines import pipeline
@@ -31,16 +33,31 @@ def manifest_rows(data_config) -> list[dict]:
   return rows
 
 
-def make_iterator(config, mesh=None, *, seed_offset: int = 0):
+def make_iterator(config, mesh=None, *, seed_offset: int = 0, whole_batch: bool = False):
   """An endless, checkpointable iterator over this host's share of global batches.
 
-  `seed_offset` gives independent streams from one config (e.g. the k-means sample)."""
-  del mesh  # host slicing follows jax.process_index()/process_count() inside the pipeline
+  Host `jax.process_index()` of `jax.process_count()` reads rows [i * B/n, (i+1) * B/n) of every
+  global batch of B rows; `to_global` then assembles the hosts' rows in process order, which is
+  the order of the batch shards over the mesh's ('data', 'fsdp') devices.
+
+  `seed_offset` gives independent streams from one config (e.g. the k-means sample).
+  `whole_batch=True` gives every host the whole global batch (identical on all hosts), for
+  host-side set-up that must agree across hosts (e.g. `Method.prepare`'s k-means).
+  """
   d = config.data
+  if whole_batch:
+    process_index, process_count = 0, 1
+  else:
+    process_index, process_count = jax.process_index(), jax.process_count()
+    if mesh is not None:
+      shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+      if int(d.batch_size) % shards:
+        raise ValueError(f'config.data.batch_size={int(d.batch_size)} is not divisible by the '
+                         f'{shards} batch shards of the mesh {dict(mesh.shape)} (data x fsdp)')
   ds = pipeline.make_dataset(
     manifest_rows(d), batch_size=int(d.batch_size), bucket_lengths=(int(d.num_samples),),
     seed=int(d.seed) + seed_offset, shuffle=True, num_epochs=None,
-    worker_count=int(d.num_workers))
+    worker_count=int(d.num_workers), process_index=process_index, process_count=process_count)
   return iter(ds)
 
 

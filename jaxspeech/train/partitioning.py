@@ -24,6 +24,18 @@ MESH_AXES = ('data', 'fsdp', 'model')
 # The batch dimension of every input array is split over all data-parallel axes.
 BATCH_AXES = ('data', 'fsdp')
 
+# Activation names (jaxspeech/layers/partitioning.py: `constrain(x, 'activation_batch', ...)`)
+# -> mesh axes, used when config.mesh.rules names no rule for them: batch over the data-parallel
+# axes (as the inputs), feed-forward and attention-head widths over 'model' (Megatron-style
+# tensor parallelism, matching the 'mlp' / 'heads' weight rules); time and model width whole.
+ACTIVATION_DEFAULT_RULES: dict[str, tuple[str, ...]] = {
+  'activation_batch': BATCH_AXES,
+  'activation_length': (),
+  'activation_embed': (),
+  'activation_mlp': ('model',),
+  'activation_heads': ('model',),
+}
+
 
 def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """Builds a `Mesh` with axes ('data', 'fsdp', 'model') (all `AxisType.Auto`, GSPMD-style)."""
@@ -74,6 +86,11 @@ def parse_rules(rules) -> dict[str, tuple[str, ...]]:
         raise ValueError(f'config.mesh.rules[{i}]: unknown mesh axis {a!r} (known {MESH_AXES})')
     out[str(logical)] = axes
   return out
+
+
+def activation_rules(rules: Mapping[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+  """Parsed config rules plus `ACTIVATION_DEFAULT_RULES` for activation names they lack."""
+  return {**ACTIVATION_DEFAULT_RULES, **rules}
 
 
 def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int],

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from jaxspeech.audio import SAMPLE_RATE
+from jaxspeech.layers.partitioning import activation_sharding
 from jaxspeech.methods.base import Method
 from jaxspeech.train import optim, partitioning
 
@@ -136,8 +137,13 @@ def _global_norm(tree, mask=None) -> jax.Array:
 
 
 def make_train_step(setup: TrainSetup) -> Callable[[PyTree, dict], tuple[PyTree, dict]]:
-  """The shared step: loss -> grads -> optax -> post-update hook; plus norms. Not jitted here."""
+  """The shared step: loss -> grads -> optax -> post-update hook; plus norms. Not jitted here.
+
+  The method's loss is traced inside `activation_sharding(mesh, rules)`: the encoder's activations
+  follow the config's rules (plus `partitioning.ACTIVATION_DEFAULT_RULES`), so GSPMD keeps the
+  batch split over ('data', 'fsdp') through the layers instead of guessing."""
   method, graphdef, tx, trainable = setup.method, setup.graphdef, setup.tx, setup.trainable
+  act_rules = partitioning.activation_rules(setup.rules)
 
   def train_step(state: PyTree, batch: dict[str, jax.Array]) -> tuple[PyTree, dict]:
     step = state['step']
@@ -147,7 +153,9 @@ def make_train_step(setup: TrainSetup) -> Callable[[PyTree, dict], tuple[PyTree,
       # Frozen parameters are constants to autodiff, so XLA prunes their weight gradients.
       params = jax.tree.map(lambda p, t: p if t else jax.lax.stop_gradient(p), params, trainable)
       model = nnx.merge(graphdef, params, state['model_state'])
-      loss, (metrics, extra) = method.loss_fn(model, state['extra'], batch, rng)
+      # Layers pin their activations by logical names (`constrain`) while this traces.
+      with activation_sharding(setup.mesh, act_rules):
+        loss, (metrics, extra) = method.loss_fn(model, state['extra'], batch, rng)
       _, _, rest = _split(model)
       return loss, (metrics, extra, nnx.to_pure_dict(rest))
 

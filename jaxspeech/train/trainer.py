@@ -74,6 +74,17 @@ def _load_init_from(config, method: Method, setup: step_lib.TrainSetup, state: P
                           'checkpoints/) nor an HF checkpoint folder (no config.json)')
 
 
+def _place(tree: PyTree, shardings: PyTree) -> PyTree:
+  """`device_put` onto global shardings. Multi-host: arrays this host holds whole (host values,
+  single-device results of host-side set-up) go through numpy, so each host contributes its
+  shards of the same value; arrays that already span hosts are resharded by `device_put`."""
+  if jax.process_count() > 1:
+    tree = jax.tree.map(
+      lambda x: np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else x,
+      tree)
+  return jax.device_put(tree, shardings)
+
+
 def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
                     checkpointer: ckpt_lib.Checkpointer, train_iter) -> tuple[PyTree, int]:
   """Resume order: this workdir's latest checkpoint -> `config.init_from` -> scratch."""
@@ -85,9 +96,11 @@ def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
   state = step_lib.create_train_state(setup, jax.random.key(int(config.train.seed)))
   # Method-specific set-up on the data (e.g. HuBERT's k-means targets) from a separate iterator,
   # so that the training data order does not depend on it.
-  prep_iter = data_lib.make_iterator(config, setup.mesh, seed_offset=1)
+  # Every host reads the same whole global batches here, so that all hosts compute the same
+  # extra state (a multi-host device_put assumes identical values on every host).
+  prep_iter = data_lib.make_iterator(config, setup.mesh, seed_offset=1, whole_batch=True)
   extra = method.prepare(state['extra'], prep_iter)
-  extra = jax.device_put(extra, setup.state_shardings['extra'])
+  extra = _place(extra, setup.state_shardings['extra'])
   state = dict(state, extra=extra)
   if config.init_from:
     state = _load_init_from(config, method, setup, state)
