@@ -1,9 +1,17 @@
-"""Feature extraction: hidden states of an encoder checkpoint for a list of audio files.
+"""Feature extraction: hidden states (or discrete units) of a checkpoint for a list of audio files.
 
     python -m jaxspeech.extract --checkpoint DIR --audio a.wav b.flac --layers all --out f.npz
+    python -m jaxspeech.extract --checkpoint SPIN_WORKDIR --audio a.wav b.flac --units --out u.npz
+    python -m jaxspeech.extract --checkpoint SPIN_WORKDIR --audio a.wav --units --out units.txt
 
-Writes one float32 array [T, D] per file and layer under the key "<file stem>/layer_<i>",
-i = 0..L: exactly HF transformers' `hidden_states[i]` (`output_hidden_states=True`). Audio is
+`--checkpoint` is an HF checkpoint folder (config.json + weights) or a jaxspeech training workdir
+(its config.json and latest checkpoint: the encoder of a Spin, DinoSR, HuBERT-style... run).
+
+Features: one float32 array [T, D] per file and layer under the key "<file stem>/layer_<i>",
+i = 0..L: exactly HF transformers' `hidden_states[i]` (`output_hidden_states=True`).
+Units (`--units`, a workdir whose model has a codebook head, e.g. Spin): one int32 array [T] of
+per-frame codeword ids argmax(z Cᵀ) per file under the key "<file stem>"; an `--out` ending in
+`.txt` gets one line per file instead, "<stem> id id id ...". Audio is
 read with soundfile, averaged to mono and resampled to 16 kHz with scipy's polyphase
 `resample_poly`. Files are grouped by length and padded to a few bucket lengths (padding is exact
 in jaxspeech's encoder, so this changes no number and bounds the number of compilations).
@@ -45,23 +53,121 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
   return out
 
 
+def is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def load_workdir_model(workdir: str):
+  """(the method's whole model with the latest checkpoint's parameters, its config) of a
+  jaxspeech training workdir."""
+  import json
+
+  import ml_collections
+  from flax import nnx
+
+  from jaxspeech.methods.base import get_method
+  from jaxspeech.train import checkpoint as ckpt_lib
+  from jaxspeech.train import partitioning
+  from jaxspeech.train import step as step_lib
+
+  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
+  cfg_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"--checkpoint {workdir}: has checkpoints/ but no config.json")
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.shape = {"data": 1, "fsdp": 1, "model": 1}
+  method = get_method(config)
+  mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
+  setup = step_lib.build_setup(config, method, mesh)
+  params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state)
+  model, _ = method.init(jax.random.key(0))
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  nnx.replace_by_pure_dict(state, params)
+  model = nnx.merge(graphdef, state, rest)
+  return model, config
+
+
+def encoder_of(model, config):
+  """The SpeechEncoder inside a method's model (`Method.encoder_path`)."""
+  from jaxspeech.methods.base import get_method
+
+  for key in get_method(config).encoder_path:
+    model = getattr(model, key)
+  return model
+
+
 def load_model(checkpoint: str):
-  """An encoder from an HF checkpoint directory."""
+  """An encoder from an HF checkpoint directory or a jaxspeech workdir."""
   from jaxspeech.interop import hf
 
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+  if is_workdir(checkpoint):
+    return encoder_of(*load_workdir_model(checkpoint))
   return hf.load_encoder(checkpoint)
+
+
+def load_units_model(checkpoint: str):
+  """The whole model of a workdir whose method has discrete units (`model.units`)."""
+  if not os.path.isdir(checkpoint):
+    raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+  if not is_workdir(checkpoint):
+    raise ValueError(f"--units: {checkpoint} is not a jaxspeech workdir (an HF encoder folder has "
+                     "no codebook)")
+  model, config = load_workdir_model(checkpoint)
+  if not hasattr(model, "units"):
+    raise ValueError(f"--units: the {config.method.name} model of {checkpoint} has no codebook "
+                     "units (use a Spin workdir)")
+  return model
+
+
+def _batches(wavs, batch_size: int, min_samples: int):
+  """Length-sorted batches padded to whole seconds: (indices, wav [b, S], mask [b, S])."""
+  order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
+  for start in range(0, len(order), batch_size):
+    idx = order[start : start + batch_size]
+    s = -(-max(len(wavs[i]) for i in idx) // BUCKET) * BUCKET
+    s = max(s, min_samples)  # at least one frame
+    batch = np.zeros((len(idx), s), np.float32)
+    mask = np.zeros((len(idx), s), bool)
+    for r, i in enumerate(idx):
+      batch[r, : len(wavs[i])] = wavs[i]
+      mask[r, : len(wavs[i])] = True
+    yield idx, jnp.asarray(batch), jnp.asarray(mask)
+
+
+def _stems(files: Sequence[str]) -> list[str]:
+  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
+  dup = sorted({s for s in stems if stems.count(s) > 1})
+  if dup:
+    raise ValueError(f"several input files share the stem(s) {dup}; output keys would collide")
+  return stems
+
+
+def extract_units(model, files: Sequence[str], batch_size: int = 8) -> dict[str, np.ndarray]:
+  """Returns {"<stem>": [T] int32 codeword ids} for every file (`model.units`)."""
+  stems = _stems(files)
+  wavs = [load_audio(f) for f in files]  # raises AudioError naming a bad file
+  cfg = model.encoder.config
+  run = jax.jit(model.units)
+  result = {}
+  for idx, wav, mask in _batches(wavs, batch_size, sum(cfg.conv_kernel)):
+    units, _ = run(wav, mask)
+    units = np.asarray(units)
+    for r, i in enumerate(idx):
+      t = cfg.num_frames(len(wavs[i]))
+      if t < 1:
+        raise AudioError(f"{files[i]}: too short for one frame ({len(wavs[i])} samples)")
+      result[stems[i]] = units[r, :t].astype(np.int32)
+  return result
 
 
 def extract(
   model, files: Sequence[str], layers: Sequence[int], batch_size: int = 8
 ) -> dict[str, np.ndarray]:
   """Returns {"<stem>/layer_<i>": [T, D] float32} for every file and layer."""
-  stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
-  dup = sorted({s for s in stems if stems.count(s) > 1})
-  if dup:
-    raise ValueError(f"several input files share the stem(s) {dup}; output keys would collide")
+  stems = _stems(files)
   wavs = [load_audio(f) for f in files]  # raises AudioError naming a bad file
   cfg = model.config
   top = max(layers)
@@ -72,17 +178,8 @@ def extract(
     return out.hidden_states
 
   result = {}
-  order = sorted(range(len(files)), key=lambda i: len(wavs[i]))
-  for start in range(0, len(order), batch_size):
-    idx = order[start : start + batch_size]
-    s = -(-max(len(wavs[i]) for i in idx) // BUCKET) * BUCKET
-    s = max(s, sum(cfg.conv_kernel))  # at least one frame
-    batch = np.zeros((len(idx), s), np.float32)
-    mask = np.zeros((len(idx), s), bool)
-    for r, i in enumerate(idx):
-      batch[r, : len(wavs[i])] = wavs[i]
-      mask[r, : len(wavs[i])] = True
-    hidden = run(jnp.asarray(batch), jnp.asarray(mask))
+  for idx, wav, mask in _batches(wavs, batch_size, sum(cfg.conv_kernel)):
+    hidden = run(wav, mask)
     for r, i in enumerate(idx):
       t = cfg.num_frames(len(wavs[i]))
       if t < 1:
@@ -96,21 +193,30 @@ def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
     prog="python -m jaxspeech.extract", description=__doc__.split("\n")[0]
   )
-  p.add_argument("--checkpoint", required=True, help="HF checkpoint directory")
+  p.add_argument("--checkpoint", required=True, help="HF checkpoint directory or jaxspeech workdir")
   p.add_argument("--audio", nargs="+", required=True, help="audio files (any soundfile format)")
   p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
-  p.add_argument("--out", required=True, help="output .npz")
+  p.add_argument("--units", action="store_true", help="per-frame codeword ids (Spin workdir)")
+  p.add_argument("--out", required=True, help="output .npz (or .txt with --units)")
   p.add_argument("--batch-size", type=int, default=8)
   args = p.parse_args(argv)
   try:
-    model = load_model(args.checkpoint)
-    layers = parse_layers(args.layers, model.config.num_hidden_layers)
-    feats = extract(model, args.audio, layers, args.batch_size)
+    if args.units:
+      feats = extract_units(load_units_model(args.checkpoint), args.audio, args.batch_size)
+    else:
+      model = load_model(args.checkpoint)
+      layers = parse_layers(args.layers, model.config.num_hidden_layers)
+      feats = extract(model, args.audio, layers, args.batch_size)
   except (AudioError, ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  np.savez(args.out, **feats)
+  if args.units and args.out.endswith(".txt"):
+    with open(args.out, "w") as f:
+      for stem, ids in feats.items():
+        f.write(stem + " " + " ".join(str(int(i)) for i in ids) + "\n")
+  else:
+    np.savez(args.out, **feats)
   print(f"wrote {len(feats)} arrays for {len(args.audio)} files to {args.out}")
   return 0
 

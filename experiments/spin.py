@@ -1,0 +1,108 @@
+r"""Spin fine-tuning: speaker-invariant clustering by swapped prediction (SEEDS §1).
+
+Launch (from the repository root):
+
+  python -m jaxspeech.main --config experiments/spin.py:tiny --workdir runs/spin_tiny \
+      --config.init_from=ENCODER_HF_DIR
+  python -m jaxspeech.main --config experiments/spin.py:paper --workdir runs/spin_hubert \
+      --config.init_from=/ckpt/hubert-base-ls960 \
+      --config.data.manifest=/data/librispeech_train_clean_100.jsonl
+
+`config.init_from` is an HF HuBERT / WavLM checkpoint folder, or a jaxspeech workdir of a Spin
+run (its parameters). `python -m jaxspeech.demo` runs tiny end to end from the tiny HuBERT-style
+encoder. Override any field with `--config.a.b=value`; re-running in the same workdir resumes.
+
+Variants:
+  tiny   minutes on a 2-core CPU: the `tiny` encoder (4 layers, D=128), top 2 layers trainable,
+         head 128 -> 64, K=64 codewords, 8 x 2 s crops, perturbation in the step ('jax'),
+         Adam 1e-3 with 50 warm-up steps, 400 steps. The other numbers are the paper's.
+  paper  the official `config/spin.yaml` of vectominist/spin (Interspeech 2023 version):
+         HuBERT-base, layers 1-10 + CNN + positional conv frozen (top 2 train), head 768 -> 256,
+         K=256 (`num_vars`), epsilon 0.02, 3 Sinkhorn iterations, temperature 0.1, Adam lr 1e-4
+         with weight decay 1e-6, linear warm-up over 2,500 steps from 1e-6 and linear decay to
+         1e-6 (`final_lr`) at 5,000 steps (`max_step`), gradient clip 10, 256 s of audio per
+         batch (`batch_len: 4096000` samples = 16 crops of 16 s here; spin.yaml crops to 17 s,
+         `random_crop_len: 272000`, and packs variable lengths), Praat perturbation.
+         Differences: spin.yaml's Adam applies weight decay as an L2 term (torch Adam), here it is
+         decoupled (AdamW, same coefficient); fp16 mixed precision there, float32 here.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.hubert import DEFAULT_RULES
+from jaxspeech.methods.base import model_config
+from jaxspeech.methods.spin import trainable_regex
+
+VARIANTS = ('tiny', 'paper')
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or 'tiny'
+  if variant not in VARIANTS:
+    raise ValueError(f'experiments/spin.py: unknown variant {variant!r} (tiny, paper)')
+  tiny = variant == 'tiny'
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  # HF HuBERT/WavLM folder or a jaxspeech Spin workdir. Spin is a fine-tuning method: without it
+  # the frozen layers stay random.
+  c.init_from = ''
+
+  c.model = model_config('tiny') if tiny else model_config('hubert-base')
+  num_layers = 4 if tiny else 12
+
+  c.data = ml_collections.ConfigDict()
+  c.data.manifest = ''  # '' = the built-in corpus
+  c.data.cache_dir = ''
+  c.data.builtin_utterances = 400
+  c.data.split = 'train'
+  c.data.batch_size = 8 if tiny else 16
+  c.data.num_samples = 32_000 if tiny else 256_000
+  c.data.num_workers = 0
+  c.data.seed = 0
+  # Perturbation in the Grain workers ('praat' | 'jax' | '' = none). Must be set for
+  # method.perturb='praat' (the batch then carries `audio_perturbed`).
+  c.data.perturb = '' if tiny else 'praat'
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'
+  c.optim.learning_rate = 1e-3 if tiny else 1e-4  # spin.yaml optim.optimizer.args.lr
+  c.optim.b1 = 0.9  # torch Adam defaults
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 1e-6  # spin.yaml
+  c.optim.schedule = 'linear'  # spin.yaml linear_warmup_decay
+  c.optim.warmup_steps = 50 if tiny else 2500
+  c.optim.init_lr_ratio = 0.01  # 1e-6 / 1e-4 (SEEDS §1: warm-up from 1e-6)
+  c.optim.end_lr_ratio = 0.01  # spin.yaml final_lr 1e-6
+  c.optim.tri_stage_ratios = (0.1, 0.4, 0.5)
+  c.optim.clip_norm = 10.0  # spin.yaml trainer.gradient_clip_val
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
+  c.mesh.rules = DEFAULT_RULES
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 400 if tiny else 5000  # spin.yaml trainer.max_steps
+  c.train.log_every = 25 if tiny else 100
+  c.train.checkpoint_every = 200 if tiny else 1000
+  c.train.keep_checkpoints = 2
+  c.train.async_checkpointing = True
+  c.train.seed = 0
+  # Top-2 blocks + head + codebook (spin.yaml freeze_layers: [pos, 0, 1, ..., 10]). Must equal
+  # trainable_regex(num_hidden_layers, method.trainable_layers); the method checks it.
+  c.train.trainable = trainable_regex(num_layers, 2)
+  c.train.kill_after_step = 0
+
+  c.method = ml_collections.ConfigDict()
+  c.method.name = 'spin'
+  c.method.trainable_layers = 2
+  c.method.perturb = 'jax' if tiny else 'praat'  # 'jax' (in the step) | 'praat' (Grain workers)
+  c.method.head_dim = 64 if tiny else 256  # spin.yaml pred_head.hid_dims
+  c.method.codebook_size = 64 if tiny else 256  # spin.yaml loss.num_vars
+  c.method.epsilon = 0.02  # spin.yaml loss.epsilon
+  c.method.sinkhorn_iters = 3  # spin.yaml loss.sinkhorn_iters
+  c.method.temperature = 0.1  # spin.yaml loss.temp
+  c.lock()
+  return c

@@ -1,0 +1,275 @@
+r"""Spin in miniature: pretrain a tiny encoder, Spin-fine-tune it, compare on held-out speakers.
+
+    python -m jaxspeech.demo --workdir runs/demo
+    python -m jaxspeech.demo --workdir runs/demo --pretrained runs/hubert_tiny   # reuse a workdir
+
+Stages (each reused when a previous run finished it; progress is logged throughout):
+
+  1. corpus     the built-in synthetic corpus (`data_pipelines.synth.built_in_corpus`: 8 speakers,
+                exact phone alignments; `us2_high` and `en1_high` are held out, split "test").
+  2. pretrain   HuBERT-style tiny pretraining (`experiments/hubert.py:tiny`) in WORKDIR/pretrain,
+                or `--pretrained DIR` (a finished jaxspeech workdir of an encoder method).
+  3. export     the pretrained encoder as an HF folder, WORKDIR/initial_encoder (Spin's
+                `config.init_from`; it loads the encoder only, whatever the pretraining head was).
+  4. spin       Spin fine-tuning (`experiments/spin.py:tiny`: top 2 of 4 layers, K=64) in
+                WORKDIR/spin, on the training speakers only.
+  5. evaluate   the initial and the Spin encoder on the held-out speakers' utterances, last layer:
+                - speaker-ID linear probe on utterance means (`jaxspeech.evaluate`'s protocol:
+                  held-out utterances of the same speakers) and on single frames (a finer probe:
+                  the held-out split has only two speakers, so utterance means are easy);
+                - units at the same K: Spin's own units argmax(z Cᵀ) vs k-means (K clusters) of the
+                  initial model's features; PNMI, phone purity, cluster purity against the 50 Hz
+                  frame phone labels (also k-means on the Spin model's features, for reference);
+                - ABX error within / across speakers (DTW on cosine distance, triphone items).
+                The table is printed and written to WORKDIR/results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as logging_std
+import os
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where every stage writes its outputs.')
+_PRETRAINED = flags.DEFINE_string(
+  'pretrained', '', 'A finished jaxspeech workdir to use as the initial encoder (skips stage 2).')
+_PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 1000, 'HuBERT-style pretraining steps.')
+_SPIN_STEPS = flags.DEFINE_integer('spin_steps', 400, 'Spin fine-tuning steps.')
+_EVAL_SPLIT = flags.DEFINE_string('eval_split', 'test', 'Manifest split evaluated (held out).')
+_FRAMES_PER_UTT = flags.DEFINE_integer('probe_frames', 20, 'Frames per utterance, frame probe.')
+_SPIN_LR = flags.DEFINE_float('spin_lr', 0.0, 'Spin peak learning rate (0 = the tiny config).')
+
+LAYER = 'last'
+
+
+class Stage:
+  """Logs '[demo i/5] name ...' and the stage's wall time."""
+
+  def __init__(self, i: int, name: str):
+    self.i, self.name = i, name
+
+  def __enter__(self):
+    self.t0 = time.perf_counter()
+    logging.info('[demo %d/5] %s ...', self.i, self.name)
+    return self
+
+  def __exit__(self, *exc):
+    if exc[0] is None:
+      logging.info('[demo %d/5] %s done in %.0f s', self.i, self.name,
+                   time.perf_counter() - self.t0)
+
+
+def finished_step(workdir: str) -> int | None:
+  """Latest checkpoint step of a jaxspeech workdir (None without one)."""
+  d = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(d):
+    return None
+  steps = [int(s) for s in os.listdir(d) if s.isdigit()]
+  return max(steps) if steps else None
+
+
+def train(config, workdir: str) -> None:
+  """Trains unless `workdir` already holds the final checkpoint (re-running resumes)."""
+  from jaxspeech.train import trainer
+
+  done = finished_step(workdir)
+  if done is not None and done >= int(config.train.num_steps):
+    logging.info('reusing %s (checkpoint at step %d)', workdir, done)
+    return
+  trainer.train_and_evaluate(config, workdir)
+
+
+def export_encoder(workdir: str, out_dir: str) -> None:
+  """The encoder of a jaxspeech workdir as an HF checkpoint folder."""
+  from jaxspeech.evaluate import load_workdir
+  from jaxspeech.interop import hf
+
+  enc = load_workdir(os.path.abspath(workdir), with_codebook=False).encoder
+  hf.save_hf_checkpoint(enc, out_dir + '.tmp')
+  os.replace(out_dir + '.tmp', out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def frame_speaker_probe(feats, speakers, frames_per_utt: int, seed: int = 0) -> float:
+  """Speaker-ID accuracy of a linear probe on single frames: `frames_per_utt` random frames of
+  every utterance; train/test split by utterance (as the utterance-level probe)."""
+  from jaxspeech.eval.speaker_probe import speaker_probe, split_by_speaker
+
+  rng = np.random.default_rng(seed)
+  train, test = split_by_speaker(speakers, seed=seed)
+
+  def take(idx):
+    xs, ys = [], []
+    for i in idx:
+      f = feats[i]
+      pick = rng.choice(len(f), min(frames_per_utt, len(f)), replace=False)
+      xs.append(f[pick])
+      ys += [speakers[i]] * len(pick)
+    return np.concatenate(xs).astype(np.float32), np.array(ys)
+
+  xtr, ytr = take(train)
+  xte, yte = take(test)
+  return speaker_probe(xtr, ytr, xte, yte, seed=seed)['accuracy']
+
+
+def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int) -> dict[str, float]:
+  """All metrics of one encoder. `units_fn` (wav, mask) -> (units, frame_mask), or None."""
+  from jaxspeech import evaluate as ev
+  from jaxspeech.eval.units import unit_quality
+
+  layer = ev.parse_layer(LAYER, extractor.num_layers)
+  res = {}
+  t0 = time.perf_counter()
+  feats = ev.utterance_outputs(extractor, wavs, lambda w, m: extractor.features(w, m, layer))
+  speakers = np.array([r['speaker'] for r in rows])
+  res['speaker_acc_utterance'] = ev.task_speaker_probe(extractor, wavs, rows, layer)['accuracy']
+  res['speaker_acc_frame'] = frame_speaker_probe(feats, speakers, _FRAMES_PER_UTT.value)
+  logging.info('  %s: speaker probes %.3f (utterance) %.3f (frame) [%.0f s]', name,
+               res['speaker_acc_utterance'], res['speaker_acc_frame'], time.perf_counter() - t0)
+  km = ev.task_units(extractor, wavs, rows, layer, k, use_codebook=False)
+  res.update({f'kmeans_{key}': v for key, v in km.items()})
+  if units_fn is not None:
+    units = ev.utterance_outputs(extractor, wavs, units_fn)
+    labels = ev.frame_phone_labels(rows, [len(u) for u in units])
+    y, u = np.concatenate(labels), np.concatenate(units)
+    q = unit_quality(y, u, y >= 0)
+    res.update({f'units_{key}': q[key] for key in ('pnmi', 'phone_purity', 'cluster_purity')})
+    res['units_used'] = q['num_units_used']
+  logging.info('  %s: units %s [%.0f s]', name,
+               {key: round(v, 3) for key, v in res.items() if 'pnmi' in key},
+               time.perf_counter() - t0)
+  res.update(ev.task_abx(extractor, wavs, rows, layer))
+  logging.info('  %s: ABX within %.2f%% across %.2f%% [%.0f s]', name, res['abx_within'],
+               res['abx_across'], time.perf_counter() - t0)
+  return res
+
+
+def spin_units_fn(workdir: str):
+  """(features extractor, jitted units fn) of a Spin workdir."""
+  from jaxspeech import evaluate as ev
+  from jaxspeech.extract import load_workdir_model
+
+  model, _ = load_workdir_model(os.path.abspath(workdir))
+  extractor = ev.EncoderFeatures(model.encoder)
+  return extractor, jax.jit(model.units)
+
+
+ROWS = (
+  # (label, key in the initial model's results, key in Spin's)
+  ('speaker-ID probe acc., utterance means (lower = more invariant)', 'speaker_acc_utterance',
+   'speaker_acc_utterance'),
+  ('speaker-ID probe acc., single frames (lower = more invariant)', 'speaker_acc_frame',
+   'speaker_acc_frame'),
+  ('PNMI: initial k-means vs Spin units (same K)', 'kmeans_pnmi', 'units_pnmi'),
+  ('phone purity: initial k-means vs Spin units', 'kmeans_phone_purity', 'units_phone_purity'),
+  ('cluster purity: initial k-means vs Spin units', 'kmeans_cluster_purity',
+   'units_cluster_purity'),
+  ('PNMI: k-means on each model\'s features', 'kmeans_pnmi', 'kmeans_pnmi'),
+  ('ABX within speakers (%, lower = better)', 'abx_within', 'abx_within'),
+  ('ABX across speakers (%, lower = better)', 'abx_across', 'abx_across'),
+)
+
+
+def format_table(initial: dict, spin: dict, k: int) -> str:
+  lines = [f'{"held-out speakers, last layer, K=" + str(k):<66} {"initial":>9} {"Spin":>9}']
+  for label, a, b in ROWS:
+    lines.append(f'{label:<66} {initial[a]:>9.3f} {spin[b]:>9.3f}')
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(workdir: str) -> dict:
+  from data_pipelines import synth
+  from experiments import hubert as hubert_exp
+  from experiments import spin as spin_exp
+  from jaxspeech import evaluate as ev
+  from jaxspeech.audio import load_audio
+
+  t_start = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+
+  with Stage(1, 'corpus'):
+    manifest = synth.built_in_corpus()
+    logging.info('corpus: %s', manifest)
+
+  with Stage(2, 'pretrain'):
+    if _PRETRAINED.value:
+      pre_dir = os.path.abspath(_PRETRAINED.value)
+      if finished_step(pre_dir) is None:
+        raise FileNotFoundError(f'--pretrained {pre_dir}: no checkpoint')
+      logging.info('reusing the pretrained workdir %s', pre_dir)
+    else:
+      pre_dir = os.path.join(workdir, 'pretrain')
+      c = hubert_exp.get_config('tiny')
+      c.train.num_steps = _PRETRAIN_STEPS.value
+      train(c, pre_dir)
+
+  init_dir = os.path.join(workdir, 'initial_encoder')
+  with Stage(3, 'export the initial encoder'):
+    if os.path.exists(os.path.join(init_dir, 'config.json')):
+      logging.info('reusing %s', init_dir)
+    else:
+      export_encoder(pre_dir, init_dir)
+
+  spin_dir = os.path.join(workdir, 'spin')
+  spin_cfg = spin_exp.get_config('tiny')
+  spin_cfg.init_from = init_dir
+  spin_cfg.train.num_steps = _SPIN_STEPS.value
+  if _SPIN_LR.value:
+    spin_cfg.optim.learning_rate = _SPIN_LR.value
+  with Stage(4, f'Spin fine-tuning ({_SPIN_STEPS.value} steps)'):
+    train(spin_cfg, spin_dir)
+
+  with Stage(5, f'evaluate on held-out speakers (split {_EVAL_SPLIT.value!r})'):
+    rows = ev.load_rows(manifest, _EVAL_SPLIT.value, need_alignment=True)
+    wavs = [load_audio(r['path']) for r in rows]
+    k = int(spin_cfg.method.codebook_size)
+    logging.info('%d utterances of %s', len(rows), sorted({r['speaker'] for r in rows}))
+    initial = evaluate_model('initial', ev.load_checkpoint(init_dir), None, wavs, rows, k)
+    extractor, units = spin_units_fn(spin_dir)
+    spin = evaluate_model('Spin', extractor, units, wavs, rows, k)
+
+  table = format_table(initial, spin, k)
+  result = {
+    'initial': initial, 'spin': spin, 'k': k, 'layer': LAYER,
+    'eval_split': _EVAL_SPLIT.value, 'eval_speakers': sorted({r['speaker'] for r in rows}),
+    'pretrained': pre_dir, 'spin_steps': _SPIN_STEPS.value,
+    'wall_seconds': time.perf_counter() - t_start, 'table': table,
+  }
+  with open(os.path.join(workdir, 'results.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  print(table, flush=True)
+  print(f'wall time {result["wall_seconds"]:.0f} s; written to '
+        f'{os.path.join(workdir, "results.json")}', flush=True)
+  return result
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops Orbax's INFO chatter (several lines per save / restore)."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or 'orbax' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.INFO)
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.info('JAX %s on %s', jax.__version__, jax.devices())
+  run(_WORKDIR.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
