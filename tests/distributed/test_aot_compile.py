@@ -1,0 +1,106 @@
+"""Ahead-of-time compile of the real train step for a 64-device data x fsdp x model mesh (fake
+CPU devices, nothing allocated): the parameter shardings are the ones the rules ask for, the
+compiled executable keeps them, and `memory_analysis()` per device equals the footprint the
+shardings imply. Base-size cases are `@pytest.mark.slow`.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.train.common import run_python
+
+MESH = {'data': 2, 'fsdp': 8, 'model': 4}  # 64 devices; batch over data x fsdp = 16 shards
+
+_SCRIPT = textwrap.dedent('''
+  import json
+  import jax
+  from jaxspeech.train import aot, partitioning
+  from tests.train.common import small_config
+  from experiments import hubert
+  mesh_shape = {MESH}
+  if {BASE}:
+    config = hubert.get_config('paper')
+    config.mesh.shape = mesh_shape
+    config.data.batch_size, config.data.num_samples = 16, 16000
+  else:
+    config = small_config(**{'mesh.shape': mesh_shape, 'data.batch_size': 16})
+  mesh = partitioning.create_mesh(config.mesh)
+  r = aot.compile_train_step(config, mesh)
+  state, shardings = r.setup.abstract_state, r.setup.state_shardings
+  layer = shardings['params']['encoder']['encoder']['layers'][0]
+  specs = {
+    'ffn_in': layer['feed_forward']['intermediate_dense']['kernel'].spec,
+    'ffn_out': layer['feed_forward']['output_dense']['kernel'].spec,
+    'q': layer['attention']['q_proj']['kernel'].spec,
+    'out': layer['attention']['out_proj']['kernel'].spec,
+    'ln': layer['layer_norm']['scale'].spec,
+    'ffn_in_mu': None,
+  }
+  # Adam's first moment of that kernel follows the kernel's sharding.
+  mus = [s for p, s in jax.tree_util.tree_flatten_with_path(shardings['opt_state'])[0]
+         if 'mu' in jax.tree_util.keystr(p) and 'intermediate_dense' in jax.tree_util.keystr(p)
+         and 'kernel' in jax.tree_util.keystr(p)]
+  specs['ffn_in_mu'] = mus[0].spec
+  # The executable's own input shardings are the state's shardings, leaf for leaf.
+  compiled_in = r.compiled.input_shardings[0][0]
+  kept = all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(
+    jax.tree.leaves(compiled_in['params']), jax.tree.leaves(shardings['params']),
+    jax.tree.leaves(state['params'])))
+  out = {
+    'devices': jax.device_count(),
+    'specs': {k: [list(a) if isinstance(a, tuple) else a for a in v] for k, v in specs.items()},
+    'kept': kept, 'memory': r.memory,
+    'state_per_device': aot.sharded_bytes(state), 'batch_per_device': aot.sharded_bytes(r.batch),
+    'params_per_device': aot.sharded_bytes(state['params']),
+    'params_total': aot.total_bytes(state['params']),
+    'opt_per_device': aot.sharded_bytes(state['opt_state']),
+    'opt_total': aot.total_bytes(state['opt_state']),
+  }
+  print('RESULT ' + json.dumps(out))
+''')
+
+
+def _compile(base: bool) -> dict:
+  code = _SCRIPT.replace('{MESH}', repr(MESH)).replace('{BASE}', repr(base))
+  proc = run_python(code, devices=64, timeout=1200 if base else 300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
+  return json.loads(line[len('RESULT '):])
+
+
+def _check(r: dict, label: str) -> None:
+  mem = r['memory']
+  print(f'{label} on 64 devices {MESH}: memory_analysis per device {mem}; params '
+        f'{r["params_per_device"]} of {r["params_total"]} B, optimizer {r["opt_per_device"]} of '
+        f'{r["opt_total"]} B')
+  assert r['devices'] == 64
+  s = r['specs']
+  # 'embed' -> fsdp, 'mlp' / 'heads' -> model (experiments/hubert.py DEFAULT_RULES).
+  assert s['ffn_in'] == ['fsdp', 'model'] and s['ffn_out'] == ['model', 'fsdp']
+  assert s['q'] == ['fsdp', 'model'] and s['out'] == ['model', 'fsdp']
+  assert s['ln'] == [None]  # norms replicated
+  assert s['ffn_in_mu'] == ['fsdp', 'model']
+  assert r['kept']
+  # Arguments are exactly one shard of every state leaf plus one batch shard; the donated state
+  # is aliased to the output (updated in place).
+  assert mem['argument_size_in_bytes'] == r['state_per_device'] + r['batch_per_device']
+  assert mem['alias_size_in_bytes'] == r['state_per_device']
+  # The big matrices are split 32 ways (fsdp x model); small replicated leaves remain whole.
+  assert r['params_per_device'] < r['params_total'] / 8
+
+
+def test_aot_compile_small_model_on_64_devices():
+  _check(_compile(base=False), 'small HuBERT')
+
+
+@pytest.mark.slow
+def test_aot_compile_base_hubert_on_64_devices():
+  r = _compile(base=True)
+  _check(r, 'HuBERT base')
+  # Base size: nearly all bytes are in split matrices, so the cut approaches 32x.
+  assert r['params_per_device'] < r['params_total'] / 24
+  assert r['opt_per_device'] < r['opt_total'] / 24
