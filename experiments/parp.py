@@ -1,0 +1,22 @@
+r"""PARP (prune, adjust, re-prune) on top of `experiments/ctc.py`; any of its variants.
+
+  python -m jaxspeech.methods.prune_runner --config experiments/parp.py:tiny \
+      --workdir runs/parp_tiny --config.init_from=runs/hubert_tiny --config.prune.sparsity=0.7
+
+Same fields as experiments/ctc.py with `prune.method='parp'`, `prune.sparsity=0.5`,
+`prune.every=50`; switch to a baseline with `--config.prune.method=omp|imp|mpi|none`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments import ctc
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ctc.get_config(arg)
+  c.prune.method = 'parp'
+  c.prune.sparsity = 0.5
+  c.prune.every = 50
+  return c
