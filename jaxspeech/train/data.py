@@ -40,6 +40,9 @@ def make_iterator(config, mesh=None, *, seed_offset: int = 0, whole_batch: bool 
   global batch of B rows; `to_global` then assembles the hosts' rows in process order, which is
   the order of the batch shards over the mesh's ('data', 'fsdp') devices.
 
+  `config.data.perturb` ('praat' | 'jax' | '' = none) adds the speaker-perturbed view
+  `audio_perturbed`, made in the Grain workers.
+
   `seed_offset` gives independent streams from one config (e.g. the k-means sample).
   `whole_batch=True` gives every host the whole global batch (identical on all hosts), for
   host-side set-up that must agree across hosts (e.g. `Method.prepare`'s k-means).
@@ -57,7 +60,8 @@ def make_iterator(config, mesh=None, *, seed_offset: int = 0, whole_batch: bool 
   ds = pipeline.make_dataset(
     manifest_rows(d), batch_size=int(d.batch_size), bucket_lengths=(int(d.num_samples),),
     seed=int(d.seed) + seed_offset, shuffle=True, num_epochs=None,
-    worker_count=int(d.num_workers), process_index=process_index, process_count=process_count)
+    perturb=str(d.get('perturb', '') or '') or None, worker_count=int(d.num_workers),
+    process_index=process_index, process_count=process_count)
   return iter(ds)
 
 

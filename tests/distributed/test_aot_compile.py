@@ -101,6 +101,10 @@ def test_aot_compile_small_model_on_64_devices():
 def test_aot_compile_base_hubert_on_64_devices():
   r = _compile(base=True)
   _check(r, 'HuBERT base')
-  # Base size: nearly all bytes are in split matrices, so the cut approaches 32x.
-  assert r['params_per_device'] < r['params_total'] / 24
-  assert r['opt_per_device'] < r['opt_total'] / 24
+  # Base size: the transformer's matrices are split 32 ways (fsdp x model); the conv feature
+  # extractor ('conv_out' -> fsdp) and the positional conv only 8 ways, so the whole cut is
+  # ~24x (measured 24.1x for both parameters and Adam moments).
+  cut_p = r['params_total'] / r['params_per_device']
+  cut_o = r['opt_total'] / r['opt_per_device']
+  print(f'HuBERT base: parameters {cut_p:.1f}x, optimizer state {cut_o:.1f}x smaller per device')
+  assert cut_p > 20 and cut_o > 20
