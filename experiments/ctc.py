@@ -16,8 +16,9 @@ Variants:
   tiny        phone CTC on the built-in synthetic corpus (train split; `us2_high`, `en1_high`
               held out as `test`), the `tiny` encoder, whole utterances padded to 3.75 s
               (the corpus's longest is 3.73 s), batch 8, 400 updates.
-  fsdd        character (digit-word) CTC on an FSDD manifest (set `data.manifest`; the sweep
-              writes one with a held-out speaker), 1 s windows (longer digits are left out).
+  FSDD digit words: `tiny` with `--config.data.manifest=M --config.method.unit=char
+              --config.data.num_samples=16000` (1 s: longer digits are left out of the loss);
+              `benchmarks/parp_sweep.py` writes M with one held-out speaker.
   paper_10m / paper_1h / paper_10h (`paper` = paper_10m)
               wav2vec 2.0 BASE fine-tuning on LibriSpeech 10 min / 1 h / 10 h, values from
               fairseq `examples/wav2vec/config/finetuning/base_{10m,1h,10h}.yaml` (read at
@@ -53,7 +54,7 @@ DEFAULT_RULES = (
   ('norm', None),
 )
 
-VARIANTS = ('tiny', 'fsdd', 'paper', 'paper_10m', 'paper_1h', 'paper_10h')
+VARIANTS = ('tiny', 'paper', 'paper_10m', 'paper_1h', 'paper_10h')
 # fairseq base_{10m,1h,10h}.yaml: (max_update, mask_channel_prob, layerdrop)
 _PAPER = {'paper_10m': (13_000, 0.25, 0.1), 'paper_1h': (13_000, 0.25, 0.1),
           'paper_10h': (20_000, 0.5, 0.05)}
@@ -67,7 +68,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant == 'paper':
     variant = 'paper_10m'
   paper = variant.startswith('paper')
-  fsdd = variant == 'fsdd'
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.init_from = ''  # HF dir or CTC workdir (main); prune_runner also takes pretraining workdirs
@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.split = 'train'
   c.data.batch_size = 48 if paper else 8
   # Whole utterances: longer ones would be cropped and are left out of the loss.
-  c.data.num_samples = 560_000 if paper else (16_000 if fsdd else 60_000)
+  c.data.num_samples = 560_000 if paper else 60_000
   c.data.num_workers = 0
   c.data.seed = 0
 
@@ -116,7 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.method = ml_collections.ConfigDict()
   c.method.name = 'ctc'
-  c.method.unit = 'char' if (paper or fsdd) else 'phone'
+  c.method.unit = 'char' if paper else 'phone'
   c.method.mask_prob = 0.65 if paper else 0.3
   c.method.mask_length = 10
   c.method.freeze_encoder_steps = 10_000 if paper else 0

@@ -86,7 +86,7 @@ def load_ctc_workdir(workdir: str):
     raise FileNotFoundError(f'{workdir}: no config.json (not a jaxspeech training workdir)')
   with open(cfg_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  if config.method.name != 'ctc':
+  if config.method.name not in ('ctc', 'parp'):
     raise ValueError(f'{workdir}: method {config.method.name!r} is not a CTC model')
   config.mesh.shape = {'data': 1, 'fsdp': 1, 'model': 1}
   method = CtcFinetuning(config, with_labels=False)

@@ -16,7 +16,8 @@ transcript alignment, so they (and filler rows) are left out of the loss (counte
 `metrics['used_fraction']`); so are those too short for their labels under CTC (fairseq's
 `zero_infinity`). Loss = mean over utterances of -log p(labels | audio) (fairseq `sentence_avg`).
 
-Pruning (`config.prune`, see `jaxspeech.methods.parp`): masks live in the extra state; the first
+Pruning (`config.prune`, see `jaxspeech.methods.parp`, whose `parp` method is this one with
+pruning on by default): masks live in the extra state; the first
 step of a pruned run is the pruning step (no update: its gradient is zeroed, then `post_update`
 prunes the initial parameters); PARP re-prunes every `prune.every` updates and at the last one.
 
@@ -42,7 +43,6 @@ from flax import nnx
 
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB
-from jaxspeech.methods import parp
 from jaxspeech.methods.base import Method, encoder_config
 from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
 from jaxspeech.ops import masking
@@ -214,7 +214,9 @@ class CtcFinetuning(Method):
     m = config.method
     self.unit = str(m.unit)
     self.vocab = build_vocab(read_manifest(_manifest_path(config.data)), self.unit)
-    self.prune = parp.PruneSpec.from_config(config)
+    from jaxspeech.methods.parp import PruneSpec  # parp.py subclasses this class: import late
+
+    self.prune = PruneSpec.from_config(config)
     self.labels = self.label_lengths = None
     if with_labels:
       from jaxspeech.train import data as data_lib

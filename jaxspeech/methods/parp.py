@@ -158,3 +158,14 @@ class PruneSpec:
     if self.method in FIXED_MASK:
       params = pruning.apply_masks(params, masks)
     return params, {'masks': masks, 'ready': jnp.ones((), bool)}
+
+
+# The `parp` method (config.method.name='parp', experiments/parp.py): CTC fine-tuning with
+# `config.prune` on. Imported last: ctc.py imports this module's PruneSpec lazily.
+from jaxspeech.methods.ctc import CtcFinetuning  # noqa: E402
+
+
+class ParpFinetuning(CtcFinetuning):
+  """CTC fine-tuning with magnitude pruning (`config.prune.method`, PARP by default)."""
+
+  name = 'parp'
