@@ -143,7 +143,15 @@ def _phase_config(config, init_dir: str, method: str, sparsity: float):
 
 
 def _train(config, workdir: str) -> dict:
+  """Trains a phase, or reads its final metrics when its last checkpoint exists already (a
+  finished phase is not re-entered: e.g. the sweep shares one dense run among OMP runs)."""
   from jaxspeech.train.trainer import train_and_evaluate
+  last = os.path.join(workdir, 'checkpoints', str(int(config.train.num_steps)))
+  final = os.path.join(workdir, 'final_metrics.json')
+  if os.path.isdir(last) and os.path.exists(final):
+    logging.info('prune_runner: %s is finished; not re-run', workdir)
+    with open(final) as f:
+      return json.load(f)
   logging.info('prune_runner: %s phase (sparsity %.3f) in %s', config.prune.method,
                float(config.prune.sparsity), workdir)
   return train_and_evaluate(config, workdir)
