@@ -14,8 +14,8 @@ def test_nan_in_batch_stops_training_naming_the_step(tmp_path, monkeypatch):
 
   make_iterator = data_lib.make_iterator
 
-  def poisoned(config, mesh=None, *, seed_offset=0):
-    it = make_iterator(config, mesh, seed_offset=seed_offset)
+  def poisoned(config, mesh=None, *, seed_offset=0, **kwargs):
+    it = make_iterator(config, mesh, seed_offset=seed_offset, **kwargs)
     if seed_offset:  # the k-means sample stays clean
       return it
 
