@@ -32,6 +32,7 @@ MEMORY_FIELDS = ('argument_size_in_bytes', 'output_size_in_bytes', 'alias_size_i
 class CompiledStep:
   setup: step_lib.TrainSetup
   batch: dict  # abstract batch (ShapeDtypeStructs with shardings)
+  lowered: Any  # jax.stages.Lowered (StableHLO with the sharding annotations)
   compiled: Any  # jax.stages.Compiled
   memory: dict[str, int]  # memory_analysis() fields, bytes per device
 
@@ -56,10 +57,11 @@ def compile_train_step(config, mesh: jax.sharding.Mesh,
                        extra_fields: tuple[str, ...] = ()) -> CompiledStep:
   setup = step_lib.build_setup(config, get_method(config), mesh)
   batch = abstract_batch(config, mesh, extra_fields)
-  compiled = step_lib.jit_train_step(setup, batch).lower(setup.abstract_state, batch).compile()
+  lowered = step_lib.jit_train_step(setup, batch).lower(setup.abstract_state, batch)
+  compiled = lowered.compile()
   mem = compiled.memory_analysis()
   memory = {k: int(getattr(mem, k)) for k in MEMORY_FIELDS if mem is not None and hasattr(mem, k)}
-  return CompiledStep(setup=setup, batch=batch, compiled=compiled, memory=memory)
+  return CompiledStep(setup=setup, batch=batch, lowered=lowered, compiled=compiled, memory=memory)
 
 
 def sharded_bytes(tree: PyTree) -> int:

@@ -15,8 +15,8 @@ from tests.train.common import run_python
 
 MESH = {'data': 2, 'fsdp': 8, 'model': 4}  # 64 devices; batch over data x fsdp = 16 shards
 
-_SCRIPT = textwrap.dedent('''
-  import json
+_SCRIPT = textwrap.dedent(r'''
+  import json, re
   import jax
   from jaxspeech.train import aot, partitioning
   from tests.train.common import small_config
@@ -50,8 +50,11 @@ _SCRIPT = textwrap.dedent('''
   kept = all(a.is_equivalent_to(b, x.ndim) for a, b, x in zip(
     jax.tree.leaves(compiled_in['params']), jax.tree.leaves(shardings['params']),
     jax.tree.leaves(state['params'])))
+  # Activation constraints of the encoder (activation_sharding in the step), by their specs.
+  text = r.lowered.as_text()
+  acts = sorted(set(re.findall(r'sharding_constraint %[^ ]+ <@mesh, (\[[^\]]*\])>', text)))
   out = {
-    'devices': jax.device_count(),
+    'devices': jax.device_count(), 'activation_specs': acts,
     'specs': {k: [list(a) if isinstance(a, tuple) else a for a in v] for k, v in specs.items()},
     'kept': kept, 'memory': r.memory,
     'state_per_device': aot.sharded_bytes(state), 'batch_per_device': aot.sharded_bytes(r.batch),
@@ -72,7 +75,7 @@ def _compile(base: bool) -> dict:
   return json.loads(line[len('RESULT '):])
 
 
-def _check(r: dict, label: str) -> None:
+def _check(r: dict, label: str, heads_split: bool) -> None:
   mem = r['memory']
   print(f'{label} on 64 devices {MESH}: memory_analysis per device {mem}; params '
         f'{r["params_per_device"]} of {r["params_total"]} B, optimizer {r["opt_per_device"]} of '
@@ -85,6 +88,14 @@ def _check(r: dict, label: str) -> None:
   assert s['ln'] == [None]  # norms replicated
   assert s['ffn_in_mu'] == ['fsdp', 'model']
   assert r['kept']
+  # The encoder's activations are pinned: batch over data x fsdp, FFN hidden [B, T, F] over
+  # model, residual stream [B, T, D] whole per example; q/k/v heads [B, T, H, Dh] over model
+  # only when H divides by it (base: 12 heads / 4; the small model's 2 heads stay whole).
+  acts = set(r['activation_specs'])
+  assert '[{"data", "fsdp"}, {}, {"model"}]' in acts, acts
+  assert '[{"data", "fsdp"}, {}, {}]' in acts, acts
+  heads = '{"model"}' if heads_split else '{}'
+  assert f'[{{"data", "fsdp"}}, {{}}, {heads}, {{}}]' in acts, acts
   # Arguments are exactly one shard of every state leaf plus one batch shard; the donated state
   # is aliased to the output (updated in place).
   assert mem['argument_size_in_bytes'] == r['state_per_device'] + r['batch_per_device']
@@ -94,13 +105,13 @@ def _check(r: dict, label: str) -> None:
 
 
 def test_aot_compile_small_model_on_64_devices():
-  _check(_compile(base=False), 'small HuBERT')
+  _check(_compile(base=False), 'small HuBERT', heads_split=False)
 
 
 @pytest.mark.slow
 def test_aot_compile_base_hubert_on_64_devices():
   r = _compile(base=True)
-  _check(r, 'HuBERT base')
+  _check(r, 'HuBERT base', heads_split=True)
   # Base size: the transformer's matrices are split 32 ways (fsdp x model); the conv feature
   # extractor ('conv_out' -> fsdp) and the positional conv only 8 ways, so the whole cut is
   # ~24x (measured 24.1x for both parameters and Adam moments).
