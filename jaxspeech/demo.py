@@ -39,7 +39,7 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where every stage writes
 _PRETRAINED = flags.DEFINE_string(
   'pretrained', '', 'A finished jaxspeech workdir to use as the initial encoder (skips stage 2).')
 _PRETRAIN_STEPS = flags.DEFINE_integer('pretrain_steps', 1000, 'HuBERT-style pretraining steps.')
-_SPIN_STEPS = flags.DEFINE_integer('spin_steps', 400, 'Spin fine-tuning steps.')
+_SPIN_STEPS = flags.DEFINE_integer('spin_steps', 600, 'Spin fine-tuning steps.')
 _EVAL_SPLIT = flags.DEFINE_string('eval_split', 'test', 'Manifest split evaluated (held out).')
 _FRAMES_PER_UTT = flags.DEFINE_integer('probe_frames', 20, 'Frames per utterance, frame probe.')
 _SPIN_LR = flags.DEFINE_float('spin_lr', 0.0, 'Spin peak learning rate (0 = the tiny config).')
