@@ -19,6 +19,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from tests.train.common import REPO, read_metrics
 
@@ -26,7 +27,6 @@ NUM_STEPS = 3
 DEADLINE_S = 420
 _ARGS = [
   '--config', os.path.join(REPO, 'tests/distributed/small_hubert.py'),
-  f'--config.train.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={NUM_STEPS}',
   '--config.mesh.shape.data=1', '--config.mesh.shape.fsdp=4', '--config.mesh.shape.model=2',
 ]
 
@@ -58,17 +58,16 @@ def _kill(proc: subprocess.Popen) -> None:
   proc.wait()
 
 
-def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+def _run_all(tmp_path, specs: dict) -> dict[str, str]:
+  """Starts every `name: (workdir, devices, extra args)` at once, waits (bounded) and reaps them
+  all; returns their logs. Fails naming the first process that did not exit 0."""
   port = _free_port()
-  logs = {name: open(tmp_path / f'{name}.log', 'w') for name in ('one', 'p0', 'p1')}
+  logs = {name: open(tmp_path / f'{name}.log', 'w') for name in specs}
   procs = {}
   try:
-    procs['one'] = _start(tmp_path / 'one', 8, ['--distributed=off'], logs['one'])
-    for i in range(2):
-      procs[f'p{i}'] = _start(
-        tmp_path / 'two', 4, ['--coordinator_address', f'127.0.0.1:{port}',
-                              '--num_processes', '2', '--process_id', str(i),
-                              '--distributed_timeout', '120'], logs[f'p{i}'])
+    for name, (workdir, devices, args) in specs.items():
+      args = [a.replace('{PORT}', str(port)) for a in args]
+      procs[name] = _start(workdir, devices, args, logs[name])
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline and any(p.poll() is None for p in procs.values()):
       if any(p.poll() not in (None, 0) for p in procs.values()):
@@ -79,10 +78,24 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
       _kill(p)
     for f in logs.values():
       f.close()
-  text = {k: (tmp_path / f'{k}.log').read_text() for k in logs}
+  text = {k: (tmp_path / f'{k}.log').read_text() for k in specs}
   for name, p in procs.items():
     assert p.returncode == 0, f'{name} exited {p.returncode}:\n{text[name][-4000:]}'
+  return text
 
+
+def _process(i: int, *extra: str) -> list[str]:
+  return ['--coordinator_address', '127.0.0.1:{PORT}', '--num_processes', '2',
+          '--process_id', str(i), '--distributed_timeout', '120', *extra]
+
+
+def test_two_processes_match_one_process_with_eight_devices(tmp_path):
+  steps = [f'--config.train.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={NUM_STEPS}']
+  text = _run_all(tmp_path, {
+    'one': (tmp_path / 'one', 8, ['--distributed=off', *steps]),
+    'p0': (tmp_path / 'two', 4, _process(0, *steps)),
+    'p1': (tmp_path / 'two', 4, _process(1, *steps)),
+  })
   one = read_metrics(tmp_path / 'one')
   two = read_metrics(tmp_path / 'two')
   # Only process 0 writes metrics.jsonl (one row per step, not one per process).
@@ -115,3 +128,31 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   positions = [json.loads((ckpt / 'data' / f).read_text()) for f in data_files
                if f.endswith('.json')]
   assert positions[0] == positions[1]  # both hosts are at the same global batch
+
+
+@pytest.mark.slow
+def test_two_processes_resume_from_their_checkpoint(tmp_path):
+  """Two processes train 2 steps and save; two new processes restore that checkpoint (state and
+  each host's data-iterator position) and train steps 3-4: the losses equal one uninterrupted
+  8-device process."""
+  steps = ['--config.train.checkpoint_every=2']
+  _run_all(tmp_path, {
+    'one': (tmp_path / 'one', 8, ['--distributed=off', '--config.train.num_steps=4', *steps]),
+    'a0': (tmp_path / 'two', 4, _process(0, '--config.train.num_steps=2', *steps)),
+    'a1': (tmp_path / 'two', 4, _process(1, '--config.train.num_steps=2', *steps)),
+  })
+  text = _run_all(tmp_path, {
+    'b0': (tmp_path / 'two', 4, _process(0, '--config.train.num_steps=4', *steps)),
+    'b1': (tmp_path / 'two', 4, _process(1, '--config.train.num_steps=4', *steps)),
+  })
+  assert 'Resuming from' in text['b0'] and 'step 2' in text['b0']
+  assert 'k-means' not in text['b0']  # restored, not refitted
+  one, two = read_metrics(tmp_path / 'one'), read_metrics(tmp_path / 'two')
+  assert [r['step'] for r in one] == [r['step'] for r in two] == [1, 2, 3, 4]
+  ref = np.asarray([r['loss'] for r in one])
+  got = np.asarray([r['loss'] for r in two])
+  rel = np.abs(got - ref) / np.abs(ref)
+  print(f'resumed 2 processes: losses {got.tolist()} vs 1 process {ref.tolist()}; max relative '
+        f'difference {rel.max():.2e}')
+  np.testing.assert_array_less(rel, 1e-5)
+  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['2', '4']
