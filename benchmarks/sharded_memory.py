@@ -11,6 +11,26 @@ device: parameters and optimizer state (one shard of every leaf, as the sharding
 per-device parameter + optimizer bytes are than the unsharded total: fsdp should cut them by about
 N (less where a weight's dimensions do not divide and stay replicated). Spin is included when
 `experiments/spin.py` exists. Prints one JSON line per case, then a Markdown table.
+
+Measured on the 2-core CPU machine (fake devices, jax 0.10.2, 2 s per utterance, Nov 2026): MiB:
+
+| config | N | params/dev (all) | opt/dev (all) | args MiB | out MiB | temp MiB | cut | cut/N |
+|---|---|---|---|---|---|---|---|---|
+| hubert:paper | 8 | 45.5 (360.8) | 91.1 (721.7) | 136.8 | 136.6 | 619.7 | 7.9x | 0.99 |
+| hubert:paper | 64 | 6.1 (360.8) | 12.3 (721.7) | 18.6 | 18.4 | 637.7 | 58.9x | 0.92 |
+| dinosr:paper | 8 | 46.1 (366.0) | 92.2 (732.0) | 187.6 | 187.5 | 866.7 | 7.9x | 0.99 |
+| dinosr:paper | 64 | 6.1 (366.0) | 12.2 (732.0) | 30.3 | 30.1 | 893.0 | 59.8x | 0.93 |
+| spin:paper | 8 | 45.7 (361.0) | 14.3 (110.2) | 60.3 | 60.0 | 748.7 | 7.9x | 0.98 |
+| spin:paper | 64 | 6.3 (361.0) | 2.3 (110.2) | 8.9 | 8.6 | 3548.3 | 54.6x | 0.85 |
+
+fsdp cuts parameter + optimizer bytes per device by ~N (0.85-0.99 N; what remains whole are
+weights with no dimension divisible by N: norms, biases, conv_in/kernel axes). DinoSR's extra
+state (EMA teacher + codebooks) falls from 49 to 11.7 MiB per device: the teacher is sharded,
+its codebook statistics (8 x 256 x 768 f32, ~12 MiB) are replicated. Spin's temp grows with N
+(0.75 -> 3.5 GiB): its loss concatenates the two views along the batch before the encoder and
+nothing pins the concatenated waveform, so GSPMD runs the conv feature extractor on the whole
+2B batch on every device; constraining the encoder's input to `activation_batch` (tried in a
+scratch script, not in the tree) brings it to 0.42 GiB at 64 devices.
 """
 
 from __future__ import annotations
