@@ -12,7 +12,7 @@ per-device parameter + optimizer bytes are than the unsharded total: fsdp should
 N (less where a weight's dimensions do not divide and stay replicated). Spin is included when
 `experiments/spin.py` exists. Prints one JSON line per case, then a Markdown table.
 
-Measured on the 2-core CPU machine (fake devices, jax 0.10.2, 2 s per utterance, Nov 2026): MiB:
+Measured on the 2-core CPU machine (fake devices, jax 0.10.2, 2 s per utterance, Nov 2026), MiB:
 
 | config | N | params/dev (all) | opt/dev (all) | args MiB | out MiB | temp MiB | cut | cut/N |
 |---|---|---|---|---|---|---|---|---|
