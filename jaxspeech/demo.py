@@ -86,11 +86,10 @@ def train(config, workdir: str) -> None:
 
 def export_encoder(workdir: str, out_dir: str) -> None:
   """The encoder of a jaxspeech workdir as an HF checkpoint folder."""
-  from jaxspeech.evaluate import load_workdir
+  from jaxspeech.extract import load_model
   from jaxspeech.interop import hf
 
-  enc = load_workdir(os.path.abspath(workdir), with_codebook=False).encoder
-  hf.save_hf_checkpoint(enc, out_dir + '.tmp')
+  hf.save_hf_checkpoint(load_model(os.path.abspath(workdir)), out_dir + '.tmp')
   os.replace(out_dir + '.tmp', out_dir)
 
 

@@ -240,3 +240,37 @@ def test_short_training_run_loss_falls(synth_corpus):
   assert end['swap_accuracy'] > 1.3 / k, (start_acc, end)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(state['params']['codebook']), axis=-1),
                              1.0, atol=1e-5)
+
+
+@pytest.fixture(scope='module')
+def demo_results(tmp_path_factory):
+  """The README's main job, end to end in a fresh workdir (pretraining included; ~20 min)."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  workdir = tmp_path_factory.mktemp('demo')
+  proc = subprocess.run([sys.executable, '-m', 'jaxspeech.demo', '--workdir', str(workdir)],
+                        cwd=root, capture_output=True, text=True, timeout=3600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / 'results.json') as f:
+    return json.load(f)
+
+
+@pytest.mark.slow
+def test_demo_spin_lowers_speaker_information_and_keeps_abx(demo_results):
+  r = demo_results
+  init, spin_ = r['initial'], r['spin']
+  assert r['eval_speakers'] == ['en1_high', 'us2_high']  # held out from both trainings
+  assert r['wall_seconds'] <= 20 * 60
+  assert spin_['speaker_acc_frame'] < init['speaker_acc_frame']
+  assert spin_['abx_across'] <= init['abx_across']
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason='measured on this tiny setup: Spin units PNMI 0.42 vs '
+                   'k-means on the initial features 0.475 at K=64 (issue 6 asks for higher)')
+def test_demo_spin_units_pnmi_above_initial_kmeans(demo_results):
+  assert demo_results['spin']['units_pnmi'] > demo_results['initial']['kmeans_pnmi']
