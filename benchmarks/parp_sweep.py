@@ -1,7 +1,7 @@
 r"""PARP vs OMP / MPI / dense on the built-in corpora, from the tiny pretrained encoder.
 
     python -m benchmarks.parp_sweep --out runs/parp_sweep --pretrained runs/hubert_tiny \
-        [--corpora synth,fsdd] [--sparsities 0.5,0.7,0.9] [--steps 200] [--bench-only]
+        [--corpora synth,fsdd] [--sparsities 0.5,0.7,0.9] [--steps 400] [--bench-only]
 
 Corpora:
   synth  phone CTC on the built-in synthetic corpus (train split; PER on the held-out speakers
@@ -54,6 +54,7 @@ def corpus_config(corpus: str, out_dir: str, pretrained: str, steps: int, args):
   c.train.log_every = max(steps // 8, 1)
   c.train.checkpoint_every = steps
   c.optim.warmup_steps = max(steps // 10, 1)
+  c.method.freeze_encoder_steps = steps // 4  # the head learns first (experiments/ctc.py)
   c.prune.every = args.every
   if corpus == 'fsdd':
     c.data.manifest = fsdd_manifest(out_dir, args.fsdd_test_speaker)
@@ -166,8 +167,8 @@ def main():
   p.add_argument('--corpora', default='synth,fsdd')
   p.add_argument('--methods', default='dense,omp,mpi,parp')
   p.add_argument('--sparsities', default='0.5,0.7,0.9')
-  p.add_argument('--steps', type=int, default=200)
-  p.add_argument('--every', type=int, default=25, help='PARP re-prune interval (updates)')
+  p.add_argument('--steps', type=int, default=400)
+  p.add_argument('--every', type=int, default=50, help='PARP re-prune interval (updates)')
   p.add_argument('--fsdd-test-speaker', default='theo')
   p.add_argument('--bench-only', action='store_true')
   args = p.parse_args()

@@ -29,7 +29,7 @@ def small_ctc_config(name='ctc', **overrides):
     config.model[k] = v
   settings = {'data.batch_size': 4, 'train.num_steps': 30, 'train.log_every': 5,
               'train.checkpoint_every': 30, 'train.async_checkpointing': False,
-              'optim.warmup_steps': 5, **overrides}
+              'optim.warmup_steps': 5, 'method.freeze_encoder_steps': 10, **overrides}
   for key, value in settings.items():
     *parents, leaf = key.split('.')
     node = config
