@@ -267,6 +267,11 @@ class SpeechEncoder(nnx.Module):
     rng: jax.Array | None = None,
   ):
     """Conv features and their projection. Returns (projected [B,T,D], features [B,T,C], mask)."""
+    # Pin the batch split at entry: callers may build the batch in the step (e.g. Spin's two
+    # views concatenated), and the conv extractor must not run on the whole batch per device.
+    wav = constrain(wav, ACT_BATCH, None)  # [B, S]
+    if wav_mask is not None:
+      wav_mask = constrain(wav_mask, ACT_BATCH, None)
     lengths = None if wav_mask is None else jnp.sum(wav_mask, axis=-1)
     feats, frame_mask = self.feature_extractor(wav, lengths)  # [B, T, C], [B, T]
     feats = constrain(feats, ACT_BATCH, ACT_LENGTH, None)
