@@ -278,3 +278,50 @@ def test_demo_spin_lowers_speaker_information_and_keeps_abx(demo_results):
                    'k-means on the initial features 0.475 at K=64 (issue 6 asks for higher)')
 def test_demo_spin_units_pnmi_above_initial_kmeans(demo_results):
   assert demo_results['spin']['units_pnmi'] > demo_results['initial']['kmeans_pnmi']
+
+
+_DEVICES_SCRIPT = '''
+import json
+import jax, jax.numpy as jnp, numpy as np
+from tests.methods.test_spin import small_config, setup_for
+from jaxspeech.train import partitioning, step as step_lib
+from jaxspeech.methods import spin
+c = small_config(trainable_layers=3, perturb='jax')
+c.mesh.shape = {'data': jax.device_count(), 'fsdp': 1, 'model': 1}
+setup = step_lib.build_setup(c, spin.Spin(c), partitioning.create_mesh(c.mesh))
+state = step_lib.create_train_state(setup, jax.random.key(0))
+rng = np.random.default_rng(0)
+lengths = np.array([8000, 6400, 8000, 4800, 7200, 8000, 5600, 8000])
+mask = np.arange(8000)[None] < lengths[:, None]
+host = {'audio': np.where(mask, rng.normal(size=(8, 8000)), 0).astype(np.float32),
+        'audio_mask': mask}
+batch = {k: jax.device_put(v, partitioning.batch_sharding(setup.mesh, v.ndim))
+         for k, v in host.items()}
+step = step_lib.jit_train_step(setup, batch)
+losses = []
+for _ in range(3):
+  state, m = step(state, batch)
+  losses.append(float(m['loss']))
+print('RESULT ' + json.dumps({'losses': losses, 'devices': jax.device_count(),
+                              'batch_shards': len(batch['audio'].addressable_shards)}))
+'''
+
+
+@pytest.mark.slow  # ~60 s: two interpreters, each compiling the step
+def test_one_vs_eight_devices_same_spin_losses():
+  """3 Spin steps (in-step JAX perturbation, Sinkhorn marginals over the global batch) on 1 device
+  and on 8 fake CPU devices with the batch split 8 ways: the same losses."""
+  import json
+
+  from tests.train.common import run_python
+
+  out = {}
+  for n in (1, 8):
+    proc = run_python(_DEVICES_SCRIPT, devices=n, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith('RESULT ')][-1]
+    out[n] = json.loads(line[len('RESULT '):])
+  assert out[8]['devices'] == 8 and out[8]['batch_shards'] == 8
+  ref, got = np.asarray(out[1]['losses']), np.asarray(out[8]['losses'])
+  assert np.all(np.isfinite(ref)) and len(set(np.round(ref, 6))) == 3  # the losses move
+  np.testing.assert_allclose(got, ref, rtol=1e-5)
