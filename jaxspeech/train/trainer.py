@@ -50,13 +50,33 @@ def _check_finite(step: int, host_metrics: dict[str, float], last_ckpt: int | No
       'input batch of this step (NaN/inf audio), the learning rate and config.optim.clip_norm.')
 
 
+def _workdir_method(workdir: str) -> str | None:
+  """`method.name` of a training workdir's saved config (None when it has no config.json)."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f).get('method', {}).get('name')
+
+
 def _load_init_from(config, method: Method, setup: step_lib.TrainSetup, state: PyTree) -> PyTree:
   src = str(config.init_from)
   if not os.path.exists(src):
     raise FileNotFoundError(f'config.init_from={src!r}: no such file or directory')
   if os.path.isdir(os.path.join(src, 'checkpoints')):
-    params, step = ckpt_lib.restore_params_from_workdir(src, setup.abstract_state)
-    logging.info('config.init_from: parameters of %s at step %d', src, step)
+    src_method = _workdir_method(src)
+    if src_method in (None, method.name):
+      params, step = ckpt_lib.restore_params_from_workdir(src, setup.abstract_state)
+      logging.info('config.init_from: parameters of %s at step %d', src, step)
+      return dict(state, params=params)
+    # Another method's workdir (e.g. HuBERT-style pretraining -> Spin): its encoder only.
+    from flax import nnx
+
+    from jaxspeech.extract import load_model
+    enc_params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(src), nnx.Param)))
+    params = ckpt_lib.merge_subtree(state['params'], tuple(method.encoder_path), enc_params,
+                                    f'config.init_from={src!r} (encoder of a {src_method} run)')
+    logging.info('config.init_from: the encoder of %s (method %s)', src, src_method)
     return dict(state, params=params)
   if os.path.exists(os.path.join(src, 'config.json')):
     from jaxspeech.interop.hf import load_hf_checkpoint

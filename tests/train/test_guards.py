@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.train.common import read_metrics, small_config
+from tests.train.common import SMALL_OVERRIDES, read_metrics, small_config
 
 
 def test_nan_in_batch_stops_training_naming_the_step(tmp_path, monkeypatch):
@@ -117,3 +117,53 @@ def test_init_from_workdir_and_hf_checkpoint(tmp_path):
   config.init_from = str(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='nowhere'):
     trainer._load_init_from(config, method, setup, fresh)
+
+
+def test_init_from_another_methods_workdir_takes_its_encoder(tmp_path):
+  """HuBERT-style workdir -> DinoSR: the encoder comes over, DinoSR's own heads keep their init."""
+  import jax
+
+  from experiments import dinosr
+  from jaxspeech.methods.base import get_method
+  from jaxspeech.train import checkpoint as ckpt_lib
+  from jaxspeech.train import partitioning, trainer
+  from jaxspeech.train import step as step_lib
+
+  src_config = small_config()
+  src_method = get_method(src_config)
+  src_setup = step_lib.build_setup(src_config, src_method,
+                                   partitioning.create_mesh(src_config.mesh))
+  src_state = step_lib.create_train_state(src_setup, jax.random.key(1))
+  (tmp_path / 'src').mkdir()
+  (tmp_path / 'src' / 'config.json').write_text(src_config.to_json_best_effort())
+  ck = ckpt_lib.Checkpointer(tmp_path / 'src' / 'checkpoints', async_save=False)
+  ck.save(3, src_state)
+  ck.close()
+
+  config = dinosr.get_config('tiny')
+  for k, v in SMALL_OVERRIDES['model'].items():
+    config.model[k] = v
+  config.method.average_top_k_layers = 2
+  method = get_method(config)
+  setup = step_lib.build_setup(config, method, partitioning.create_mesh(config.mesh))
+  fresh = step_lib.create_train_state(setup, jax.random.key(2))
+  config.init_from = str(tmp_path / 'src')
+  loaded = trainer._load_init_from(config, method, setup, fresh)
+
+  def sub(tree, path):
+    for k in path:
+      tree = tree[k]
+    return tree
+
+  got = sub(loaded['params'], method.encoder_path)
+  want = sub(src_state['params'], src_method.encoder_path)
+  flat_w = jax.tree_util.tree_flatten_with_path(want)[0]
+  flat_g = dict(jax.tree_util.tree_flatten_with_path(got)[0])
+  assert len(flat_w) == len(flat_g) > 10
+  for path, w in flat_w:
+    np.testing.assert_array_equal(np.asarray(flat_g[path]), np.asarray(w))
+  rest = [k for k in loaded['params'] if k != method.encoder_path[0]]
+  assert rest, 'DinoSR has parameters besides its encoder'
+  for k in rest:
+    for a, b in zip(jax.tree.leaves(loaded['params'][k]), jax.tree.leaves(fresh['params'][k])):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
