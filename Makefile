@@ -1,7 +1,7 @@
 # The two commands of the README: `make run` (the main job on the built-in corpus) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-WORKDIR ?= runs/hubert_tiny
+WORKDIR ?= runs/demo
 
 .PHONY: setup run test test-all lint
 
@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(PY) -m jaxspeech.main --config experiments/hubert.py:tiny --workdir $(WORKDIR)
+	$(PY) -m jaxspeech.demo --workdir $(WORKDIR)
 
 lint: setup
 	$(VENV)/bin/ruff check .
