@@ -13,13 +13,17 @@ Variants:
   tiny   minutes on a 2-core CPU: the `tiny` encoder (4 layers, D=128) on the built-in synthetic
          corpus, 1 s crops, top 3 layers with V=64 codewords each, and a faster teacher
          (decay 0.99 -> 0.999 over 400 steps) because the run is only a few hundred steps long.
+         Dead-codeword restart (patience 10 steps; not in DinoSR): with the reference init and
+         update alone only ~20% of the 64 codewords were ever used (codewords that lose the first
+         assignments are never updated again).
   paper  DinoSR base, official `config/base.yaml` (Liu et al., 2023; SEEDS §2): 12-layer base
          encoder, top 8 layers, V=256 codewords, codebook decay 0.9, teacher decay 0.999 ->
          0.9999 linearly over 30k updates, teacher frozen at 200k, 400k updates, Adam 5e-4
-         (betas 0.9/0.98, eps 1e-6, weight decay 0.01), tri-stage schedule, mask p=0.8 span 10,
-         dropout 0.1. Batch as in data2vec/DinoSR base (16 GPUs x 3.8 M samples = ~243 crops of
-         250k samples); fairseq's variable-length batching and layerdrop are not reproduced.
-         Values other than those in SEEDS §2 (tri-stage ratios, clip norm, batch) are unverified.
+         (betas 0.9/0.98, eps 1e-6, weight decay 0.01), tri-stage schedule 3%/47%/50%, mask p=0.8
+         span 10, dropout 0.1 (none on the input features: dropout_input 0.0). Batch as in
+         data2vec/DinoSR base (16 GPUs x 3.8 M samples = ~243 crops of 250k samples); fairseq's
+         variable-length batching, layerdrop 0.05 and its 5-layer positional conv (conv_pos 95)
+         are not reproduced. Clip norm and batch size are unverified.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.model = model_config('tiny') if tiny else model_config(
     'hubert-base', hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
-    feat_proj_dropout=0.1)
+    feat_proj_dropout=0.0)  # base.yaml dropout_input: 0.0
 
   c.data = ml_collections.ConfigDict()
   c.data.manifest = ''  # '' = the built-in corpus
@@ -66,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optim.warmup_steps = 50 if tiny else 32_000
   c.optim.init_lr_ratio = 0.0 if tiny else 0.01
   c.optim.end_lr_ratio = 0.0 if tiny else 0.01
-  c.optim.tri_stage_ratios = (0.03, 0.9, 0.07)
+  c.optim.tri_stage_ratios = (0.03, 0.47, 0.50)  # base.yaml lr_scheduler.phase_ratio
   c.optim.clip_norm = 10.0
 
   c.mesh = ml_collections.ConfigDict()
@@ -94,5 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.freeze_teacher_step = 0 if tiny else 200_000  # 0 = never freeze
   c.method.mask_prob = 0.8
   c.method.mask_length = 10
+  # DinoSR's default codebook init; 'normal' = its `normal_init_codebook` option, N(0, 1/V).
+  c.method.codebook_init = 'instance_norm'
+  # Dead-codeword restart (not in DinoSR): a codeword unused for this many steps is reset to a
+  # random selected target frame; 0 = off (the reference).
+  c.method.codebook_restart_patience = 10 if tiny else 0
   c.lock()
   return c

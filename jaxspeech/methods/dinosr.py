@@ -47,6 +47,9 @@ from jaxspeech.ops import distillation, masking
 
 # Where the transformer's parameters sit in the pure-dict parameter tree of `DinosrModel`.
 TRANSFORMER_PATH = ('encoder', 'encoder')
+# `config.method.codebook_init`: DinoSR's default (randn instance-normalised over codewords) and
+# its `normal_init_codebook` option (N(0, 1/V)).
+CODEBOOK_INITS = {'instance_norm': cb.init_codebook, 'normal': cb.init_codebook_normal}
 
 
 class DinosrModel(nnx.Module):
@@ -132,6 +135,12 @@ class DinosrPretraining(Method):
       raise ValueError(f'config.method.average_top_k_layers={self.k} must be in '
                        f'1..{self.num_layers} (the encoder layers)')
     self.v = int(m.codebook_size)
+    # Options beyond DinoSR's base.yaml (absent in older workdirs' config.json -> reference).
+    self.codebook_init = str(m.get('codebook_init', 'instance_norm'))
+    if self.codebook_init not in CODEBOOK_INITS:
+      raise ValueError(f'config.method.codebook_init={self.codebook_init!r}: one of '
+                       f'{tuple(CODEBOOK_INITS)}')
+    self.restart_patience = int(m.get('codebook_restart_patience', 0))
     self.num_samples = int(config.data.num_samples)
     self.num_frames = self.enc_cfg.num_frames(self.num_samples)
     if self.num_frames < 1:
@@ -147,11 +156,15 @@ class DinosrPretraining(Method):
     p_rng, c_rng = jax.random.split(rng)
     model = DinosrModel(self.enc_cfg, self.k, self.v, rngs=nnx.Rngs(params=p_rng))
     d = self.enc_cfg.hidden_size
-    codebooks = jax.vmap(lambda key: cb.init_codebook(key, self.v, d))(
+    init = CODEBOOK_INITS[self.codebook_init]
+    codebooks = jax.vmap(lambda key: init(key, self.v, d))(
       jax.random.split(c_rng, self.k))  # sums [K, V, D], counts [K, V]
     # The teacher starts as an exact copy of the student's transformer.
     teacher = jax.tree.map(jnp.array, transformer_params(model))
-    return model, {'teacher': teacher, 'codebooks': codebooks}
+    extra = {'teacher': teacher, 'codebooks': codebooks}
+    if self.restart_patience > 0:
+      extra['codebook_idle'] = jnp.zeros((self.k, self.v), jnp.int32)  # steps unused, [K, V]
+    return model, extra
 
   def extra_state_logical_axes(self, extra_state):
     """The teacher is sharded like the student transformer; codebooks are replicated."""
@@ -162,8 +175,11 @@ class DinosrPretraining(Method):
       return nnx.state(model.encoder.encoder, nnx.Param)
 
     teacher_axes = partitioning.param_logical_axes(nnx.eval_shape(student_axes))
-    return {'teacher': teacher_axes,
+    axes = {'teacher': teacher_axes,
             'codebooks': jax.tree.map(lambda _: None, extra_state['codebooks'])}
+    if 'codebook_idle' in extra_state:
+      axes['codebook_idle'] = None
+    return axes
 
   def loss_fn(self, model: DinosrModel, extra_state, batch, rng):
     m = self.config.method
@@ -188,6 +204,14 @@ class DinosrPretraining(Method):
     select = masked & frame_mask  # [B, T]
     codes, codebooks = assign_and_update(extra_state['codebooks'], targets, select,
                                          float(m.codebook_decay))  # [K, B, T]
+    new_extra = {**extra_state, 'codebooks': codebooks}
+    if self.restart_patience > 0:
+      codebooks, idle = jax.vmap(
+        lambda st, i, y, c, key: cb.restart_dead_codewords(st, i, y, c, select, key,
+                                                           self.restart_patience))(
+        codebooks, extra_state['codebook_idle'], targets, codes,
+        jax.random.split(jax.random.fold_in(rng, 1), self.k))
+      new_extra.update(codebooks=codebooks, codebook_idle=idle)
 
     logits = jnp.stack([head(last) for head in model.heads]).astype(jnp.float32)  # [K, B, T, V]
     loss, per_layer, acc = masked_prediction_loss(logits, codes, select)
@@ -212,7 +236,7 @@ class DinosrPretraining(Method):
                                            for i in range(self.k)])),
       masked_fraction=jnp.sum(sel) / jnp.maximum(jnp.sum(frame_mask), 1),
     )
-    return loss, (metrics, {**extra_state, 'codebooks': codebooks})
+    return loss, (metrics, new_extra)
 
   def teacher_decay(self, step):
     m = self.config.method

@@ -117,3 +117,38 @@ def codebook_usage(codes: jax.Array, mask: jax.Array, num_codewords: int) -> dic
   p = hist / jnp.maximum(jnp.sum(hist), 1.0)
   ent = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
   return {"perplexity": jnp.exp(ent), "used_fraction": jnp.mean((hist > 0).astype(jnp.float32))}
+
+
+def init_codebook_normal(key: jax.Array, num_codewords: int, dim: int) -> CodebookState:
+  """DinoSR's ``normal_init_codebook`` option: ``N(0, 1/V)`` entries (std ``V**-0.5``); counts 1."""
+  sums = jax.random.normal(key, (num_codewords, dim), jnp.float32) * num_codewords**-0.5
+  return CodebookState(sums=sums, counts=jnp.ones((num_codewords,), jnp.float32))  # [V, D]
+
+
+def restart_dead_codewords(
+  state: CodebookState,
+  idle: jax.Array,
+  y: jax.Array,
+  codes: jax.Array,
+  mask: jax.Array,
+  key: jax.Array,
+  patience: int,
+) -> tuple[CodebookState, jax.Array]:
+  """Dead-codeword restart (not in DinoSR; the usual VQ remedy, e.g. Jukebox / SoundStream).
+
+  ``idle [V]`` int32 counts the consecutive steps each codeword was assigned no frame at ``mask``;
+  a codeword idle for ``patience`` steps is re-initialised to a random selected target frame of
+  ``y [B, T, D]`` (sum = that frame, count 1) and its idle counter reset. Without selected frames
+  nothing is restarted. Returns (codebook, idle).
+  """
+  v, d = state.sums.shape
+  used = jnp.sum(jax.nn.one_hot(codes, v, dtype=jnp.float32) * mask[..., None],
+                 axis=tuple(range(codes.ndim))) > 0  # [V]
+  idle = jnp.where(used, 0, idle + 1).astype(jnp.int32)
+  flat_y = y.reshape(-1, d).astype(jnp.float32)  # [N, D]
+  flat_m = mask.reshape(-1)  # [N]
+  idx = jax.random.categorical(key, jnp.where(flat_m, 0.0, -jnp.inf), shape=(v,))  # [V]
+  dead = (idle >= patience) & jnp.any(flat_m)  # [V]
+  sums = jnp.where(dead[:, None], flat_y[idx], state.sums)
+  counts = jnp.where(dead, 1.0, state.counts)
+  return CodebookState(sums=sums, counts=counts), jnp.where(dead, 0, idle).astype(jnp.int32)

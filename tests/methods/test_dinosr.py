@@ -144,14 +144,49 @@ def test_loss_fn_metrics_and_codebook_state():
   assert changed.any() and not changed.all()
 
 
+def test_dead_codeword_restart_in_loss_fn():
+  """With `codebook_restart_patience`, codewords idle for that many steps are reset to selected
+  target frames; everything else is exactly the reference update (patience 0, no idle state)."""
+  ref = dinosr.DinosrPretraining(small_config(codebook_restart_patience=0))
+  method = dinosr.DinosrPretraining(small_config(codebook_restart_patience=2))
+  model, extra = method.init(jax.random.key(0))
+  _, extra_ref = ref.init(jax.random.key(0))
+  assert 'codebook_idle' not in extra_ref and extra['codebook_idle'].shape == (2, 16)
+  step, step_ref = jax.jit(method.loss_fn), jax.jit(ref.loss_fn)
+  e, e_ref = extra, extra_ref
+  unused = np.ones((2, 16), bool)  # unused in every step so far
+  for i in range(2):
+    loss, (_, e_new) = step(model, e, batch(), jax.random.key(2 + i))
+    loss_ref, (_, e_ref_new) = step_ref(model, {**e_ref, 'codebooks': e['codebooks']}, batch(),
+                                        jax.random.key(2 + i))
+    assert float(loss) == float(loss_ref)  # same targets: restarts come after the assignment
+    cnt_ref, cnt = np.asarray(e_ref_new['codebooks'].counts), np.asarray(e_new['codebooks'].counts)
+    used = np.asarray(e_ref_new['codebooks'].sums != e['codebooks'].sums).any(-1)  # updated
+    unused &= ~used
+    restarted = np.asarray(e_new['codebooks'].sums != e_ref_new['codebooks'].sums).any(-1)
+    if i == 0:
+      assert not restarted.any()
+      np.testing.assert_array_equal(np.asarray(e_new['codebook_idle']), unused.astype(int))
+    else:  # idle for 2 steps: restarted with count 1 and idle 0; the others as the reference
+      np.testing.assert_array_equal(restarted, unused)
+      assert unused.any() and not unused.all()
+      np.testing.assert_array_equal(cnt[unused], 1.0)
+      np.testing.assert_array_equal(cnt[~unused], cnt_ref[~unused])
+      np.testing.assert_array_equal(np.asarray(e_new['codebook_idle'])[unused], 0)
+    e, e_ref = e_new, e_ref_new
+
+
 def test_paper_config_values():
   c = exp.get_config('paper')
   m = c.method
   assert (m.average_top_k_layers, m.codebook_size, m.codebook_decay) == (8, 256, 0.9)
   assert (m.ema_decay, m.ema_end_decay, m.ema_anneal_end_step) == (0.999, 0.9999, 30_000)
   assert (m.freeze_teacher_step, m.mask_prob, m.mask_length) == (200_000, 0.8, 10)
+  assert (m.codebook_init, m.codebook_restart_patience) == ('instance_norm', 0)  # reference
   assert (c.optim.learning_rate, c.optim.b2, c.optim.weight_decay) == (5e-4, 0.98, 0.01)
   assert c.train.num_steps == 400_000 and c.optim.schedule == 'tri_stage'
+  assert tuple(c.optim.tri_stage_ratios) == (0.03, 0.47, 0.50)  # base.yaml phase_ratio
+  assert c.model.feat_proj_dropout == 0.0 and c.model.hidden_dropout == 0.1  # dropout_input 0
   with pytest.raises(ValueError, match='unknown variant'):
     exp.get_config('huge')
   c = exp.get_config('tiny')
@@ -163,7 +198,11 @@ def test_paper_config_values():
 def test_short_training_run_learns(tmp_path):
   """~150 steps of the tiny config on 20 synthetic utterances: the loss falls from ~log V and the
   masked accuracy ends well above chance (1/V) and above the majority-class baseline (always the
-  most frequent codeword; at 150 steps the margin over it is still small, ~0.03)."""
+  most frequent codeword; at 150 steps the margin over it is still small, ~0.03).
+
+  Reference codebook mechanics (no dead-codeword restart): with `tiny`'s restart the codebooks
+  stay healthy (~80% used) and the targets are ~40-way, and 150 (or 250) steps on these 20
+  utterances do not get the accuracy above the majority baseline (0.05-0.066 vs 0.08)."""
   from data_pipelines import synth
   from jaxspeech.train import data as data_lib
   from jaxspeech.train import partitioning
@@ -180,6 +219,7 @@ def test_short_training_run_learns(tmp_path):
   c.train.num_steps = 150
   c.optim.warmup_steps = 20
   c.method.ema_anneal_end_step = 150
+  c.method.codebook_restart_patience = 0
   method = dinosr.DinosrPretraining(c)
   mesh = partitioning.create_mesh(c.mesh, devices=jax.devices()[:1])
   setup = step_lib.build_setup(c, method, mesh)

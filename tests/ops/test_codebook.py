@@ -10,7 +10,9 @@ from jaxspeech.ops.codebook import (
   codebook_update,
   codebook_usage,
   init_codebook,
+  init_codebook_normal,
   nearest_codeword,
+  restart_dead_codewords,
 )
 
 
@@ -99,3 +101,43 @@ def test_stacked_codebooks_vmap():
     s_i = CodebookState(states.sums[i], states.counts[i])
     one = codebook_update(s_i, y[i], codes[i], mask)
     np.testing.assert_allclose(np.asarray(new.sums[i]), np.asarray(one.sums), rtol=1e-6)
+
+
+def test_init_codebook_normal_scale():
+  state = init_codebook_normal(jax.random.key(0), 256, 64)
+  assert state.sums.shape == (256, 64) and state.counts.shape == (256,)
+  np.testing.assert_allclose(float(np.std(np.asarray(state.sums))), 256**-0.5, rtol=0.02)
+  np.testing.assert_array_equal(np.asarray(state.counts), np.ones(256, np.float32))
+
+
+def test_restart_dead_codewords_idle_counting_and_reset_to_selected_frames():
+  v, d = 6, 3
+  rng = np.random.default_rng(0)
+  state = CodebookState(rng.normal(size=(v, d)).astype(np.float32),
+                        rng.uniform(1, 2, size=v).astype(np.float32))
+  y = rng.normal(size=(2, 5, d)).astype(np.float32)
+  codes = np.array([[0, 0, 1, 5, 5], [1, 2, 2, 2, 4]], np.int32)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]], bool)  # used: 0, 1, 2 (4, 5 unselected)
+  idle = np.array([7, 9, 0, 1, 2, 0], np.int32)
+  fn = jax.jit(restart_dead_codewords, static_argnums=6)
+  new, new_idle = fn(state, idle, y, codes, mask, jax.random.key(1), 3)
+  # Used codewords reset to 0 idle steps, unused ones count up; 2 + 1 = 3 >= patience: restarted.
+  np.testing.assert_array_equal(np.asarray(new_idle), [0, 0, 0, 2, 0, 1])
+  selected = y[mask]  # [N, D]
+  for c in range(v):
+    if c == 4:
+      assert float(new.counts[c]) == 1.0
+      dist = np.abs(selected - np.asarray(new.sums[c])).sum(-1)
+      assert dist.min() == 0.0  # exactly one of the selected frames
+    else:
+      np.testing.assert_array_equal(np.asarray(new.sums[c]), state.sums[c])
+      assert float(new.counts[c]) == float(state.counts[c])
+  # Many draws: restarted codewords only ever take selected frames.
+  for seed in range(20):
+    new, _ = fn(state, np.full(v, 5, np.int32), y, codes, mask, jax.random.key(seed), 3)
+    for c in (3, 4, 5):
+      assert np.abs(selected - np.asarray(new.sums[c])).sum(-1).min() == 0.0
+  # No selected frame: nothing restarts, idle counters still advance.
+  new, new_idle = fn(state, idle, y, codes, np.zeros_like(mask), jax.random.key(2), 3)
+  np.testing.assert_array_equal(np.asarray(new.sums), state.sums)
+  np.testing.assert_array_equal(np.asarray(new_idle), idle + 1)
