@@ -19,6 +19,12 @@ Reference: Alexander-H-Liu/dinosr `models/dinosr.py`, `config/base.yaml` (SEEDS 
 * Loss: one linear head W_k per target layer on the student's last hidden state; cross-entropy
   over masked valid frames, averaged over frames and then over the K layers.
 
+Options beyond the reference (`config.method`): `codebook_init='normal'` (DinoSR's
+`normal_init_codebook`) and `codebook_restart_patience > 0`, dead-codeword restart
+(`codebook.restart_dead_codewords`, idle counters in `extra_state['codebook_idle']`): without it
+the tiny run used only ~20% of its codewords, those that lost the first assignments never being
+updated again.
+
 Deviation: DinoSR (after data2vec) takes each layer's FFN output before the final residual/LN as
 the target; here the target is the block output (`hidden_states`), instance-normalised the same
 way.
