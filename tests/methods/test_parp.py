@@ -146,7 +146,8 @@ def test_parp_in_trainer_revives_then_ends_exact(tmp_path):
   s = 0.5
   config = small_ctc_config('parp', **{
     'train.num_steps': 5, 'train.checkpoint_every': 1, 'train.keep_checkpoints': 10,
-    'prune.sparsity': s, 'prune.every': 2})
+    'prune.sparsity': s, 'prune.every': 2,
+    'method.freeze_encoder_steps': 0})  # the transformer must learn from step 1 to revive
   workdir = str(tmp_path / 'parp')
   train_and_evaluate(config, workdir)
   # Prunes after steps 1 (pruning step), 2, 4 and 5 (last); step 3's weights have revived.
