@@ -9,8 +9,9 @@ needs and writes `sparsity.json`:
   python -m jaxspeech.evaluate --task ctc --checkpoint runs/ctc_tiny \
       --manifest ~/.cache/jaxspeech/synth-400-0/manifest.jsonl --split test
 
-`python -m jaxspeech.main --config experiments/ctc.py:tiny --workdir W` also trains (one run;
-`init_from` must then be an HF checkpoint or a CTC workdir).
+`python -m jaxspeech.main --config experiments/ctc.py:tiny --workdir W` also trains (one run,
+no `sparsity.json`; `init_from` = another method's workdir gives its encoder only, the trainer's
+rule).
 
 Variants:
   tiny        phone CTC on the built-in synthetic corpus (train split; `us2_high`, `en1_high`
