@@ -4,6 +4,7 @@ r"""Unit-quality evaluation of a checkpoint's features on a manifest; prints one
     python -m jaxspeech.evaluate --checkpoint DIR --manifest M --task units --layer last --codebook
     python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task abx --layer L
     python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task speaker_probe --layer L
+    python -m jaxspeech.evaluate --checkpoint DIR --manifest M --task ctc [--split test]
 
 Tasks and output:
   units          k-means (`jaxspeech.ops.kmeans`, K clusters, fitted on the evaluated frames) of
@@ -13,6 +14,8 @@ Tasks and output:
                  cosine distance: {"abx_within", "abx_across"}.
   speaker_probe  linear speaker classifier on utterance-mean features, accuracy on held-out
                  utterances of the same speakers: {"accuracy"}.
+  ctc            greedy CTC decoding of a ctc/parp training workdir: {"per"} (phone model) or
+                 {"wer", "cer"} (character model).
 
 `--checkpoint` is an HF checkpoint directory (config.json + weights), a jaxspeech training workdir
 (its `config.json` and latest checkpoint), or `mfcc` (39-d MFCC + deltas at 50 Hz, the HuBERT
@@ -42,7 +45,7 @@ import numpy as np
 
 from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio
 
-TASKS = ('units', 'abx', 'speaker_probe')
+TASKS = ('units', 'abx', 'speaker_probe', 'ctc')
 BUCKET = SAMPLE_RATE  # pad utterances to whole seconds: few compilations
 FRAME_RATE = 50
 
@@ -354,6 +357,9 @@ def evaluate(checkpoint: str, manifest: str, task: str, layer: str = 'last', k: 
     raise EvalError(f'--task {task!r}: choose one of {TASKS}')
   if codebook and task != 'units':
     raise EvalError('--codebook only applies to --task units')
+  if task == 'ctc':
+    from jaxspeech.eval.asr import evaluate_ctc
+    return evaluate_ctc(checkpoint, manifest, split)
   rows = load_rows(manifest, split, need_alignment=task in ('units', 'abx'))
   extractor = load_checkpoint(checkpoint, codebook)
   li = parse_layer(layer, extractor.num_layers) if checkpoint != 'mfcc' else 0

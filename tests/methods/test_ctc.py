@@ -146,3 +146,14 @@ def test_short_ctc_run_loss_falls_and_evaluates(tmp_path):
   r = evaluate_ctc(workdir, manifest, split='test')
   assert set(r) == {'per'}
   assert 0.0 <= r['per'] < 10.0
+  # The CLI gives the same numbers.
+  import contextlib
+  import io
+
+  from jaxspeech import evaluate
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rc = evaluate.main(['--checkpoint', workdir, '--manifest', manifest, '--task', 'ctc',
+                        '--split', 'test'])
+  assert rc == 0
+  assert json.loads(out.getvalue().strip().splitlines()[-1]) == r
