@@ -6,6 +6,7 @@ Legend: B batch, T frames, D width, F feed-forward width, K positional conv taps
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -91,18 +92,47 @@ class ConvPositionalEmbedding(nnx.Module):
     norm = jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))  # [K, 1, 1]
     w = v * (self.weight_g[...][:, None, None] / norm)  # [K, D/G, D]
     dtype = self.dtype or x.dtype
-    pad = self.kernel // 2
-    y = jax.lax.conv_general_dilated(
-      x.astype(dtype),
-      w.astype(dtype),
-      window_strides=(1,),
-      padding=[(pad, pad)],
-      dimension_numbers=("NWC", "WIO", "NWC"),
-      feature_group_count=self.groups,
-    )
+    conv = grouped_conv_cpu if jax.default_backend() == "cpu" else _grouped_conv
+    y = conv(x.astype(dtype), w.astype(dtype), self.groups, self.kernel // 2)  # [B, T(+1), D]
     if self.kernel % 2 == 0:  # 'same' padding of an even kernel leaves one frame too many
       y = y[:, :-1]
     return jax.nn.gelu(y + self.bias[...].astype(dtype), approximate=False)
+
+
+def _grouped_conv(x: jax.Array, w: jax.Array, groups: int, pad: int) -> jax.Array:
+  """Grouped conv over time, zero padding `pad` each side. x [B,T,D], w [K, D/G, D]."""
+  return jax.lax.conv_general_dilated(
+      x, w, window_strides=(1,), padding=[(pad, pad)], dimension_numbers=("NWC", "WIO", "NWC"),
+      feature_group_count=groups)
+
+
+# XLA:CPU computes the kernel gradient of this wide grouped conv (K=128, 16 groups) ~30x slower
+# than the forward (measured 0.91 s of a 2.2 s HuBERT-base train step on 2 x 4 s). On CPU the
+# kernel gradient is taken as one matmul over im2col patches instead; values are the same.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def grouped_conv_cpu(x: jax.Array, w: jax.Array, groups: int, pad: int) -> jax.Array:
+  return _grouped_conv(x, w, groups, pad)
+
+
+def _grouped_conv_fwd(x, w, groups, pad):
+  return _grouped_conv(x, w, groups, pad), (x, w)
+
+
+def _grouped_conv_bwd(groups, pad, res, dy):
+  x, w = res
+  _, vjp_x = jax.vjp(lambda a: _grouped_conv(a, w, groups, pad), x)
+  (dx,) = vjp_x(dy)
+  b, _, d = x.shape
+  k, cg = w.shape[0], d // groups
+  t_out = dy.shape[1]
+  xp = jnp.pad(x, ((0, 0), (pad, pad), (0, 0)))
+  idx = jnp.arange(t_out)[:, None] + jnp.arange(k)[None, :]  # [T', K]
+  patches = xp[:, idx].reshape(b, t_out, k, groups, cg)  # [B, T', K, G, D/G]
+  dw = jnp.einsum("btkgc,btgj->kcgj", patches, dy.reshape(b, t_out, groups, cg))
+  return dx, dw.reshape(k, cg, d).astype(w.dtype)
+
+
+grouped_conv_cpu.defvjp(_grouped_conv_fwd, _grouped_conv_bwd)
 
 
 class FeedForward(nnx.Module):

@@ -118,3 +118,19 @@ def test_num_frames_matches_output():
     EncoderConfig.preset("nope")
   with pytest.raises(ValueError, match="model_type"):
     EncoderConfig(model_type="bert")
+
+
+def test_cpu_grouped_conv_gradient_equals_autodiff():
+  from jaxspeech.layers.transformer import _grouped_conv, grouped_conv_cpu
+
+  x = jax.random.normal(jax.random.key(0), (2, 37, 32))
+  w = jax.random.normal(jax.random.key(1), (16, 8, 32)) * 0.1
+  dy = jax.random.normal(jax.random.key(2), (2, 38, 32))
+  for f in (_grouped_conv, grouped_conv_cpu):
+    assert f(x, w, 4, 8).shape == (2, 38, 32)
+  np.testing.assert_allclose(grouped_conv_cpu(x, w, 4, 8), _grouped_conv(x, w, 4, 8), atol=1e-6)
+  loss = lambda f: lambda a, b: jnp.sum(f(a, b, 4, 8) * dy)
+  want = jax.grad(loss(_grouped_conv), argnums=(0, 1))(x, w)
+  got = jax.jit(jax.grad(loss(grouped_conv_cpu), argnums=(0, 1)))(x, w)
+  for g, e in zip(got, want):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
