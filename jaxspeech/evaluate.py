@@ -163,29 +163,11 @@ def _restore_extra(workdir: str, abstract_state):
 
 
 def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
-  import ml_collections
-  from flax import nnx
+  from jaxspeech.train.checkpoint import load_workdir_model
 
-  from jaxspeech.train import checkpoint as ckpt_lib
-  from jaxspeech.train import partitioning
-  from jaxspeech.train import step as step_lib
-
-  cfg_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(cfg_path):
+  if not os.path.exists(os.path.join(workdir, 'config.json')):
     raise EvalError(f'--checkpoint {workdir}: has checkpoints/ but no config.json')
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.shape = {'data': 1, 'fsdp': 1, 'model': 1}
-  from jaxspeech.methods.base import get_method
-
-  method = get_method(config)
-  mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
-  setup = step_lib.build_setup(config, method, mesh)
-  params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state)
-  model, _ = method.init(jax.random.key(0))
-  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-  nnx.replace_by_pure_dict(state, params)
-  model = nnx.merge(graphdef, state, rest)
+  method, model, config, setup = load_workdir_model(workdir)
   encoder = model
   for key in method.encoder_path:
     encoder = getattr(encoder, key)

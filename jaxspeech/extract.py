@@ -60,31 +60,9 @@ def is_workdir(path: str) -> bool:
 def load_workdir_model(workdir: str):
   """(the method's whole model with the latest checkpoint's parameters, its config) of a
   jaxspeech training workdir."""
-  import json
+  from jaxspeech.train.checkpoint import load_workdir_model as load
 
-  import ml_collections
-  from flax import nnx
-
-  from jaxspeech.methods.base import get_method
-  from jaxspeech.train import checkpoint as ckpt_lib
-  from jaxspeech.train import partitioning
-  from jaxspeech.train import step as step_lib
-
-  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f"--checkpoint {workdir}: has checkpoints/ but no config.json")
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh.shape = {"data": 1, "fsdp": 1, "model": 1}
-  method = get_method(config)
-  mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
-  setup = step_lib.build_setup(config, method, mesh)
-  params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state)
-  model, _ = method.init(jax.random.key(0))
-  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-  nnx.replace_by_pure_dict(state, params)
-  model = nnx.merge(graphdef, state, rest)
+  _, model, config, _ = load(workdir)
   return model, config
 
 

@@ -14,7 +14,6 @@ a character model (the unit is the training config's `method.unit`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 
@@ -71,32 +70,16 @@ def per(refs: Sequence[str], hyps: Sequence[str]) -> float:
 
 def load_ctc_workdir(workdir: str):
   """(method, model) of a CTC training workdir: its config.json and latest parameters."""
-  import jax
-  import ml_collections
-  from flax import nnx
-
   from jaxspeech.methods.ctc import CtcFinetuning
-  from jaxspeech.train import checkpoint as ckpt_lib
-  from jaxspeech.train import partitioning
-  from jaxspeech.train import step as step_lib
+  from jaxspeech.train.checkpoint import load_workdir_model
 
-  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
-  cfg_path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(cfg_path):
-    raise FileNotFoundError(f'{workdir}: no config.json (not a jaxspeech training workdir)')
-  with open(cfg_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.method.name not in ('ctc', 'parp'):
-    raise ValueError(f'{workdir}: method {config.method.name!r} is not a CTC model')
-  config.mesh.shape = {'data': 1, 'fsdp': 1, 'model': 1}
-  method = CtcFinetuning(config, with_labels=False)
-  mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
-  setup = step_lib.build_setup(config, method, mesh)
-  params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state)
-  model, _ = method.init(jax.random.key(0))
-  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
-  nnx.replace_by_pure_dict(state, params)
-  return method, nnx.merge(graphdef, state, rest)
+  def make_method(config):
+    if config.method.name not in ('ctc', 'parp'):
+      raise ValueError(f'{workdir}: method {config.method.name!r} is not a CTC model')
+    return CtcFinetuning(config, with_labels=False)
+
+  method, model, _, _ = load_workdir_model(workdir, make_method)
+  return method, model
 
 
 def transcribe(method, model, wavs: Sequence[np.ndarray], batch_size: int = 8,

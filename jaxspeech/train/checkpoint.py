@@ -135,3 +135,33 @@ def merge_subtree(params: PyTree, prefix: tuple[str, ...], sub: PyTree, what: st
   logging.info('%s: loaded %d arrays into %s', what, len(jax.tree.leaves(placed)),
                '/'.join(prefix) or '<root>')
   return rebuild(params, list(prefix))
+
+
+def load_workdir_model(workdir: str, make_method=None):
+  """A training workdir's model on one device: (method, model with the latest checkpoint's
+  parameters, config, setup). `make_method(config)` builds the method (default: `get_method`).
+  The one loader behind `extract`, `evaluate` and `eval.asr`."""
+  import json
+
+  import ml_collections
+  from flax import nnx
+
+  from jaxspeech.methods.base import get_method
+  from jaxspeech.train import partitioning
+  from jaxspeech.train import step as step_lib
+
+  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
+  cfg_path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f'{workdir}: no config.json (not a jaxspeech training workdir)')
+  with open(cfg_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh.shape = {'data': 1, 'fsdp': 1, 'model': 1}
+  method = (make_method or get_method)(config)
+  mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
+  setup = step_lib.build_setup(config, method, mesh)
+  params, _ = restore_params_from_workdir(workdir, setup.abstract_state)
+  model, _ = method.init(jax.random.key(0))
+  graphdef, state, rest = nnx.split(model, nnx.Param, ...)
+  nnx.replace_by_pure_dict(state, params)
+  return method, nnx.merge(graphdef, state, rest), config, setup
