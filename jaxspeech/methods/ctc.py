@@ -231,9 +231,7 @@ class CtcFinetuning(Method):
 
   @property
   def _dropout(self) -> bool:
-    c = self.enc_cfg
-    return any(r > 0 for r in (c.hidden_dropout, c.attention_dropout, c.activation_dropout,
-                                c.feat_proj_dropout))
+    return self.enc_cfg.has_dropout
 
   def init(self, rng):
     model = CtcModel(self.enc_cfg, len(self.vocab), rngs=nnx.Rngs(params=rng))

@@ -154,9 +154,7 @@ class DinosrPretraining(Method):
 
   @property
   def _dropout(self) -> bool:
-    c = self.enc_cfg
-    return any(r > 0 for r in (c.hidden_dropout, c.attention_dropout, c.activation_dropout,
-                                c.feat_proj_dropout))
+    return self.enc_cfg.has_dropout
 
   def init(self, rng):
     p_rng, c_rng = jax.random.split(rng)

@@ -181,9 +181,7 @@ class HubertPretraining(Method):
 
   @property
   def _dropout(self) -> bool:
-    c = self.enc_cfg
-    return any(r > 0 for r in (c.hidden_dropout, c.attention_dropout, c.activation_dropout,
-                                c.feat_proj_dropout))
+    return self.enc_cfg.has_dropout
 
   def init(self, rng):
     m = self.config.method

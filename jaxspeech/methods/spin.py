@@ -116,9 +116,7 @@ class Spin(Method):
 
   @property
   def _dropout(self) -> bool:
-    c = self.enc_cfg
-    return any(r > 0 for r in (c.hidden_dropout, c.attention_dropout, c.activation_dropout,
-                                c.feat_proj_dropout))
+    return self.enc_cfg.has_dropout
 
   def init(self, rng):
     model = SpinModel(self.enc_cfg, self.head_dim, self.codebook_size, rngs=nnx.Rngs(params=rng))

@@ -91,6 +91,12 @@ class EncoderConfig:
   def num_layers(self) -> int:
     return self.num_hidden_layers
 
+  @property
+  def has_dropout(self) -> bool:
+    """Whether any dropout rate is non-zero (a train step then needs a dropout key)."""
+    return any(r > 0 for r in (self.hidden_dropout, self.attention_dropout,
+                               self.activation_dropout, self.feat_proj_dropout))
+
   def num_frames(self, num_samples: int) -> int:
     """Static number of frames T for S samples."""
     return conv_output_lengths(int(num_samples), self.conv_kernel, self.conv_stride)[-1]
