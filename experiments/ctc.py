@@ -41,20 +41,9 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments.hubert import DEFAULT_RULES
 from jaxspeech.methods.base import model_config
 from jaxspeech.methods.parp import prune_config
-
-DEFAULT_RULES = (
-  ('embed', 'fsdp'),
-  ('mlp', 'model'),
-  ('heads', 'model'),
-  ('kv', None),
-  ('vocab', None),
-  ('conv_in', None),
-  ('conv_out', 'fsdp'),
-  ('kernel', None),
-  ('norm', None),
-)
 
 VARIANTS = ('tiny', 'paper', 'paper_10m', 'paper_1h', 'paper_10h')
 # fairseq base_{10m,1h,10h}.yaml: (max_update, mask_channel_prob, layerdrop)
