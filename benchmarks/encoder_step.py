@@ -20,6 +20,7 @@ import time
 
 import numpy as np
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_CLASSES = {
   "hubert": ("HubertModel", "HubertConfig"),
   "wavlm": ("WavLMModel", "WavLMConfig"),
@@ -54,21 +55,48 @@ def median_time(fn, repeats: int, warmup: int = 2) -> tuple[float, list[float]]:
   return statistics.median(times), times
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> dict:
+def matmul_peak(n: int = 2048, repeats: int = 5, device: str = "cpu") -> dict:
+  """Achieved FLOP/s of an n^3 matmul, jax and torch, float32 on CPU, bfloat16 on GPU."""
   import jax
   import jax.numpy as jnp
   import torch
 
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  gpu = device == "gpu"
+  dtype = jnp.bfloat16 if gpu else jnp.float32
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x, y: x @ y)
   tj, _ = median_time(lambda: f(a, a).block_until_ready(), repeats)
-  ta = torch.randn(n, n)
-  tt, _ = median_time(lambda: ta @ ta, repeats)
+  ta = torch.randn(n, n, device="cuda" if gpu else "cpu",
+                   dtype=torch.bfloat16 if gpu else torch.float32)
+
+  def torch_mm():
+    ta @ ta
+    if gpu:
+      torch.cuda.synchronize()
+
+  tt, _ = median_time(torch_mm, repeats)
   flops = 2.0 * n**3
-  return {"jax": flops / tj, "torch": flops / tt, "peak": max(flops / tj, flops / tt)}
+  return {"jax": flops / tj, "torch": flops / tt, "peak": max(flops / tj, flops / tt), "n": n,
+          "dtype": "bfloat16" if gpu else "float32"}  # fmt: skip
 
 
-def bench_jax(cfg, wav: np.ndarray, repeats: int):
+def jax_memory(compiled) -> dict:
+  """`compiled.memory_analysis()` bytes (per device) and `peak_bytes` = arguments + outputs +
+  temporaries - aliased: everything the step holds at once at most. (XLA:CPU's own
+  `peak_memory_in_bytes` is kept as reported but can be below the temporaries alone.)"""
+  mem = compiled.memory_analysis()
+  keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+          "alias_size_in_bytes", "peak_memory_in_bytes")  # fmt: skip
+  d = {k: int(getattr(mem, k)) for k in keys if mem is not None and hasattr(mem, k)}
+  if d:
+    d["peak_bytes"] = (d["argument_size_in_bytes"] + d["output_size_in_bytes"]
+                       + d["temp_size_in_bytes"] - d.get("alias_size_in_bytes", 0))  # fmt: skip
+  return d
+
+
+def bench_jax(cfg, wav: np.ndarray, repeats: int, with_memory: bool = False):
+  """Median wall time of the jitted encoder forward+backward. Returns (median, times,
+  compile_s), plus `jax_memory` of the compiled step when `with_memory`."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -82,25 +110,27 @@ def bench_jax(cfg, wav: np.ndarray, repeats: int):
   def step(params, wav):
     def loss_fn(p):
       out = nnx.merge(graphdef, p)(wav)
-      return jnp.mean(jnp.square(out.last_hidden_state))
+      return jnp.mean(jnp.square(out.last_hidden_state.astype(jnp.float32)))
 
     return jax.value_and_grad(loss_fn)(params)
 
   x = jnp.asarray(wav)
   t0 = time.perf_counter()
-  jax.block_until_ready(step(params, x))
+  compiled = step.lower(params, x).compile()
+  jax.block_until_ready(compiled(params, x))
   compile_s = time.perf_counter() - t0
-  med, times = median_time(lambda: jax.block_until_ready(step(params, x)), repeats)
+  med, times = median_time(lambda: jax.block_until_ready(compiled(params, x)), repeats)
+  if with_memory:
+    return med, times, compile_s, jax_memory(compiled)
   return med, times, compile_s
 
 
-def bench_torch(cfg, wav: np.ndarray, repeats: int, threads: int):
-  import torch
+def hf_model(cfg):
+  """The HF transformers model of `cfg` (same architecture), dropout and masking off."""
   import transformers
 
   from jaxspeech.interop.hf import config_to_hf
 
-  torch.set_num_threads(threads)
   model_cls, cfg_cls = HF_CLASSES[cfg.model_type]
   d = config_to_hf(cfg)
   d.update(
@@ -112,17 +142,104 @@ def bench_torch(cfg, wav: np.ndarray, repeats: int, threads: int):
     mask_time_prob=0.0,
   )
   d.pop("architectures")
-  model = getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**d))
+  return getattr(transformers, model_cls)(getattr(transformers, cfg_cls)(**d))
+
+
+def bench_torch(cfg, wav: np.ndarray, repeats: int, threads: int, device: str = "cpu",
+                return_step: bool = False):
+  """Median wall time of the HF model's forward+backward (bfloat16 autocast on GPU); with
+  `return_step` also the step function (for a memory measurement after the timing)."""
+  import torch
+
+  torch.set_num_threads(threads)
+  gpu = device == "gpu"
+  model = hf_model(cfg).to("cuda" if gpu else "cpu")
   model.train()  # training mode as in a real step; all dropout rates are zero
-  x = torch.from_numpy(wav)
+  x = torch.from_numpy(wav).to("cuda" if gpu else "cpu")
 
   def step():
     model.zero_grad(set_to_none=True)
-    loss = model(x).last_hidden_state.square().mean()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=gpu):
+      loss = model(x).last_hidden_state.float().square().mean()
     loss.backward()
+    if gpu:
+      torch.cuda.synchronize()
 
   med, times = median_time(step, repeats)
-  return med, times
+  return (med, times, step) if return_step else (med, times)
+
+
+_TORCH_CHILD = r"""
+import json, sys
+import numpy as np
+import torch, transformers  # imported before the baseline: library memory is not the step's
+from benchmarks import encoder_step
+from jaxspeech.models.speech_encoder import EncoderConfig
+a = json.loads(sys.argv[1])
+cfg = EncoderConfig.from_dict(a['cfg'])
+gpu = a['device'] == 'gpu'
+wav = encoder_step.wav_input(a['batch'], a['samples'])
+anon0 = encoder_step.rss_bytes('RssAnon')
+if gpu:
+  torch.cuda.reset_peak_memory_stats()
+med, times, step = encoder_step.bench_torch(cfg, wav, a['repeats'], a['threads'], a['device'],
+                                            return_step=True)
+res = {'torch_step_s': med, 'torch_step_all_s': times, 'torch_version': torch.__version__,
+       'transformers_version': transformers.__version__, 'torch_threads': torch.get_num_threads()}
+if gpu:
+  res.update(torch_peak_bytes=int(torch.cuda.max_memory_allocated()),
+             torch_peak_source='torch.cuda.max_memory_allocated')
+else:
+  res.update(torch_peak_bytes=encoder_step.step_peak_anon_rss(step) - anon0,
+             torch_peak_source='peak anonymous RSS of one step after the timed ones (VmHWM '
+                               'reset, less file-backed pages) - anonymous RSS before the model')
+print('RESULT ' + json.dumps(res))
+"""
+
+
+def rss_bytes(field: str) -> int:
+  """A memory field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile, RssShmem), bytes."""
+  with open("/proc/self/status") as f:
+    for ln in f:
+      if ln.startswith(field + ":"):
+        return int(ln.split()[1]) * 1024
+  raise KeyError(field)
+
+
+def step_peak_anon_rss(step) -> int:
+  """Peak anonymous resident memory (bytes) while `step()` runs once, on Linux: the peak RSS is
+  reset (`5` > /proc/self/clear_refs), the step run, and the file-backed and shared pages (library
+  code, already paged in by the earlier runs) taken off the new peak. Not tracemalloc: torch's
+  allocations bypass Python's allocator."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+  step()
+  return rss_bytes("VmHWM") - rss_bytes("RssFile") - rss_bytes("RssShmem")
+
+
+def bench_torch_subprocess(cfg, batch: int, samples: int, repeats: int, threads: int,
+                           device: str = "cpu", timeout: int = 1800) -> dict:
+  """`bench_torch` in a fresh interpreter, with its peak memory: on CPU the peak anonymous RSS of
+  one more step after the timed ones less the anonymous RSS before the model was built
+  (parameters, gradients, activations, allocator slack; `step_peak_anon_rss`), on GPU
+  `torch.cuda.max_memory_allocated`. Same inputs (seeded) and thread count as the jax run."""
+  import subprocess
+  import sys
+
+  arg = json.dumps({"cfg": cfg.to_dict(), "batch": batch, "samples": samples, "repeats": repeats,
+                    "threads": threads, "device": device})  # fmt: skip
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", _TORCH_CHILD, arg], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)  # fmt: skip
+  if proc.returncode:
+    raise RuntimeError(f"torch benchmark of {cfg.model_type} failed:\n{proc.stderr[-3000:]}")
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def wav_input(batch: int, samples: int) -> np.ndarray:
+  """The benchmark's (seeded) input audio `[B, S]`, the same in every process."""
+  return np.random.default_rng(0).normal(size=(batch, samples)).astype(np.float32) * 0.1
 
 
 def main(argv=None) -> dict:
@@ -141,7 +258,7 @@ def main(argv=None) -> dict:
 
   cfg = EncoderConfig.preset(args.model)
   s = int(args.seconds * 16000)
-  wav = np.random.default_rng(0).normal(size=(args.batch, s)).astype(np.float32) * 0.1
+  wav = wav_input(args.batch, s)
   threads = os.cpu_count() or 1
   peak = matmul_peak()
   fwd_flops = encoder_flops(cfg, s, args.batch)
