@@ -228,7 +228,9 @@ def bench_torch_subprocess(cfg, batch: int, samples: int, repeats: int, threads:
 
   arg = json.dumps({"cfg": cfg.to_dict(), "batch": batch, "samples": samples, "repeats": repeats,
                     "threads": threads, "device": device})  # fmt: skip
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  # The child needs jax only for EncoderConfig: keep it off the GPU (no memory preallocated).
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   proc = subprocess.run([sys.executable, "-c", _TORCH_CHILD, arg], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)  # fmt: skip
   if proc.returncode:

@@ -38,10 +38,11 @@ METHODS = ('spin', 'dinosr', 'hubert', 'parp')
 TARGET_SHARE = 0.03
 
 
-def _step_args(name: str, quick: bool) -> dict:
+def _step_args(name: str, quick: bool, variant: str = '', num_samples: int = 0) -> dict:
   """Variant, batch and config overrides of a method's step benchmark."""
-  kw = {'variant': 'tiny' if quick else 'paper', 'batch_size': 2,
-        'num_samples': 16000 if quick else 64000, 'overrides': {}, 'extra_fields': None}
+  kw = {'variant': variant or ('tiny' if quick else 'paper'), 'batch_size': 2,
+        'num_samples': num_samples or (16000 if quick else 64000), 'overrides': {},
+        'extra_fields': None}
   if name == 'parp':
     # Time the step of the fine-tuning proper: the transformer trainable (not frozen for the
     # first updates) and the batch's row indices for the CTC labels.
@@ -168,13 +169,14 @@ def method_ops(name: str, kept: dict) -> dict:
   raise ValueError(f'unknown method {name!r}; one of {METHODS}')
 
 
-def bench_method(name: str, quick: bool, steps: int, repeats: int) -> dict:
+def bench_method(name: str, quick: bool, steps: int, repeats: int, variant: str = '',
+                 num_samples: int = 0) -> dict:
   import jax
 
   from benchmarks import train_step
   from benchmarks.encoder_step import median_time
 
-  kw = _step_args(name, quick)
+  kw = _step_args(name, quick, variant, num_samples)
   kept: dict = {}
   step = train_step.benchmark(name, kw['variant'], kw['batch_size'], kw['num_samples'], steps,
                               overrides=kw['overrides'], extra_fields=kw['extra_fields'],
@@ -190,13 +192,13 @@ def bench_method(name: str, quick: bool, steps: int, repeats: int) -> dict:
           'target_share': TARGET_SHARE, 'meets_target': bool(share <= TARGET_SHARE)}
 
 
-def run(quick: bool, methods=METHODS, steps: int | None = None,
-        repeats: int | None = None) -> dict:
+def run(quick: bool, methods=METHODS, steps: int | None = None, repeats: int | None = None,
+        variant: str = '', num_samples: int = 0) -> dict:
   steps = steps or (3 if quick else 5)
   repeats = repeats or (3 if quick else 5)
   res = {}
   for name in methods:
-    res[name] = r = bench_method(name, quick, steps, repeats)
+    res[name] = r = bench_method(name, quick, steps, repeats, variant, num_samples)
     print(f"# method {name}: step {r['step_s_median']:.3f} s, own ops {r['ops_s'] * 1e3:.2f} ms "
           f"({r['share']:.1%})", flush=True)
   return res
@@ -217,9 +219,14 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--quick', action='store_true')
   p.add_argument('--methods', default=','.join(METHODS))
+  p.add_argument('--variant', default='', help='experiment variant (default: paper; quick: tiny)')
+  p.add_argument('--num_samples', type=int, default=0, help='samples per utterance (0: default)')
+  p.add_argument('--steps', type=int, default=0, help='timed steps (0: 5; quick: 3)')
+  p.add_argument('--repeats', type=int, default=0, help='timed op repeats (0: 5; quick: 3)')
   p.add_argument('--out')
   args = p.parse_args(argv)
-  res = run(args.quick, args.methods.split(','))
+  res = run(args.quick, args.methods.split(','), args.steps or None, args.repeats or None,
+            args.variant, args.num_samples)
   print(table(res))
   if args.out:
     with open(args.out, 'w') as f:

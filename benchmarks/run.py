@@ -39,6 +39,9 @@ def check_device(device: str) -> None:
   if device == 'cpu':
     os.environ['JAX_PLATFORMS'] = 'cpu'
     return
+  # jax would otherwise take 75% of the GPU's memory up front, and the PyTorch subprocess needs
+  # room; jax's memory is read from the compiled step, not from the allocator.
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   import jax
   import torch
 

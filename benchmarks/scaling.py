@@ -5,11 +5,12 @@ r"""Weak scaling of the shared train step over fake CPU devices: step time and m
 For each device count N, a fresh interpreter with N fake CPU devices
 (`XLA_FLAGS=--xla_force_host_platform_device_count=N`, the pattern of
 `benchmarks/sharded_memory.py`) builds, compiles and times the real train step
-(`benchmarks.train_step.benchmark`) of `experiments/hubert.py` on the config's mesh (data=-1:
-data parallel over all N devices) with a fixed per-device batch (global batch = N x per-device):
-`paper` (base) at 1 x 2 s per device, or `tiny` at 2 x 1 s per device with --quick. Reported:
-median step time, `memory_analysis()` bytes per device, and the weak-scaling efficiency
-t(1) / t(N) (1.0 = perfect).
+(`benchmarks.train_step.benchmark`) of `experiments/hubert.py` on the mesh fsdp=N (parameters and
+optimizer state sharded, batch split over the devices; `--axis data` replicates the parameters
+instead) with a fixed per-device batch (global batch = N x per-device): `paper` (base) at 1 x 2 s
+per device, or `tiny` at 2 x 1 s per device with --quick. Reported: median step time,
+`memory_analysis()` bytes per device (arguments + outputs + temporaries - aliased), and the
+weak-scaling efficiency t(1) / t(N) (1.0 = perfect).
 
 Caveat: fake devices are threads of one process sharing the machine's cores (2 here), so N
 devices do N times the work on the same cores: expect t(N) to grow about N / cores once N exceeds
@@ -31,23 +32,26 @@ _CHILD = r'''
 import json, sys
 import jax
 from benchmarks import train_step
-name, variant, per_device, samples, steps = (sys.argv[1], sys.argv[2], int(sys.argv[3]),
-                                             int(sys.argv[4]), int(sys.argv[5]))
+name, variant, per_device, samples, steps, axis = (sys.argv[1], sys.argv[2], int(sys.argv[3]),
+                                                   int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
 n = jax.device_count()
-r = train_step.benchmark(name, variant, per_device * n, samples, steps)
+shape = {'data': 1, 'fsdp': 1, 'model': 1}
+shape[axis] = n
+r = train_step.benchmark(name, variant, per_device * n, samples, steps,
+                         overrides={'mesh.shape': shape})
 print('RESULT ' + json.dumps(r))
 '''
 
 
 def measure(devices: int, config: str, per_device: int, samples: int, steps: int,
-            timeout: int = 1800) -> dict:
+            axis: str = 'fsdp', timeout: int = 1800) -> dict:
   name, _, variant = config.partition(':')
   flags = os.environ.get('XLA_FLAGS', '')
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
              PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
   proc = subprocess.run([sys.executable, '-c', _CHILD, name, variant, str(per_device),
-                         str(samples), str(steps)], cwd=REPO, env=env, capture_output=True,
+                         str(samples), str(steps), axis], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
   if proc.returncode:
     raise RuntimeError(f'{config} on {devices} fake devices failed:\n{proc.stderr[-3000:]}')
@@ -58,14 +62,14 @@ def measure(devices: int, config: str, per_device: int, samples: int, steps: int
   return r
 
 
-def run(quick: bool, devices=None, steps: int | None = None) -> dict:
+def run(quick: bool, devices=None, steps: int | None = None, axis: str = 'fsdp') -> dict:
   devices = devices or ((1, 2) if quick else (1, 2, 4, 8))
   config = 'hubert:tiny' if quick else 'hubert:paper'
   per_device, samples = (2, 16000) if quick else (1, 32000)
   steps = steps or (3 if quick else 5)
   rows = []
   for n in devices:
-    r = measure(n, config, per_device, samples, steps)
+    r = measure(n, config, per_device, samples, steps, axis)
     mem = r['memory_per_device_MiB']
     r['memory_per_device_total_MiB'] = round(
       mem.get('argument_size_in_bytes', 0) + mem.get('output_size_in_bytes', 0)
@@ -76,7 +80,7 @@ def run(quick: bool, devices=None, steps: int | None = None) -> dict:
   t1 = rows[0]['step_s_median'] if rows[0]['num_devices'] == 1 else None
   for r in rows:
     r['weak_scaling_efficiency'] = round(t1 / r['step_s_median'], 3) if t1 else None
-  return {'config': config, 'per_device_batch': [per_device, samples],
+  return {'config': config, 'mesh_axis': axis, 'per_device_batch': [per_device, samples],
           'cores': os.cpu_count(), 'fake_devices_share_cores': True, 'rows': rows}
 
 
@@ -96,10 +100,12 @@ def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--quick', action='store_true')
   p.add_argument('--devices', default='', help='comma-separated fake device counts')
+  p.add_argument('--axis', choices=('fsdp', 'data'), default='fsdp',
+                 help='mesh axis the N devices form (fsdp: parameters sharded; data: replicated)')
   p.add_argument('--out')
   args = p.parse_args(argv)
   devices = tuple(int(n) for n in args.devices.split(',')) if args.devices else None
-  res = run(args.quick, devices)
+  res = run(args.quick, devices, axis=args.axis)
   print(table(res))
   if args.out:
     with open(args.out, 'w') as f:
