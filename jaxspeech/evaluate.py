@@ -26,9 +26,10 @@ centre at 50 Hz); `--split` keeps only rows of one split (e.g. `test`, the held-
 the built-in corpus). Errors (missing checkpoint, rows without alignments for units/abx, ...) are
 printed to stderr with exit code 1.
 
-`--codebook` assigns frames the way DinoSR's targets are made: layer L's features (of the model on
-unmasked input) instance-normalised over each utterance, then the nearest codeword of that
-layer's codebook; only layers among the method's top-K target layers have one.
+`--codebook` assigns frames the way DinoSR's targets are made: layer L's features of the EMA
+teacher (the student's CNN and projection, the teacher's transformer, unmasked input; all tasks of
+that run use the teacher) instance-normalised over each utterance, then the nearest codeword of
+that layer's codebook; only layers among the method's top-K target layers have one.
 """
 
 from __future__ import annotations
@@ -181,6 +182,14 @@ def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
     codebooks = c if isinstance(c, cb.CodebookState) else cb.CodebookState(
       c['sums'] if isinstance(c, dict) else c[0], c['counts'] if isinstance(c, dict) else c[1])
     k = int(codebooks.counts.shape[0])
+    if isinstance(extra.get('teacher'), dict):
+      # The codebooks hold statistics of the EMA teacher's outputs: assign with the teacher's
+      # transformer (the student's drifts from it by up to one EMA horizon).
+      from flax import nnx
+
+      params = nnx.state(encoder.encoder, nnx.Param)
+      nnx.replace_by_pure_dict(params, extra['teacher'])
+      nnx.update(encoder.encoder, params)
   return EncoderFeatures(encoder, codebooks, k)
 
 

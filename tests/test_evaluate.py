@@ -8,6 +8,7 @@ import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -113,6 +114,18 @@ def test_workdir_every_task_and_codebook(corpus, workdir, capsys):
   # The codebooks are the trained ones (counts start at 1; used codewords' counts moved).
   counts = np.asarray(evaluate.load_checkpoint(workdir, True).codebooks.counts)  # [K, V]
   assert counts.shape == (2, 16) and (counts != 1.0).any() and (counts == 1.0).any()
+  # --codebook: the transformer is the EMA teacher's (the codebooks' source), else the student's.
+  from flax import nnx
+
+  from jaxspeech.train.checkpoint import load_workdir_model
+  _, _, _, setup = load_workdir_model(workdir)
+  teacher = evaluate._restore_extra(workdir, setup.abstract_state)['teacher']
+  with_cb = evaluate.load_checkpoint(workdir, True).encoder.encoder
+  plain = evaluate.load_checkpoint(workdir, False).encoder.encoder
+  flat = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  np.testing.assert_array_equal(flat(with_cb)[0], jax.tree.leaves(teacher)[0])
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(with_cb), flat(plain)))
+  assert all(np.array_equal(a, b) for a, b in zip(flat(with_cb), jax.tree.leaves(teacher)))
   # Layer 0 (the transformer input) has no codebook.
   rc, _, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'units',
                        '--layer', '0', '--codebook')
