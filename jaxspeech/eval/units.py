@@ -10,6 +10,10 @@ From the frame pairs (phone ``y``, unit ``z``) of the valid frames, the joint di
   cluster purity = E_y[max_z p(z | y)] = sum_y max_z p(y, z)
   PNMI           = I(y; z) / H(y)
 
+The same ratio with speaker labels in place of phones, ``speaker_nmi = I(s; z) / H(s)``, is the
+fraction of the speaker identity the units reveal (0 = speaker-invariant units, 1 = the units
+determine the speaker): a unit-level speaker measure that does not saturate like a probe does.
+
 Labels may be any hashable values (ints, strings); numpy is enough here (the statistics are a
 single pass over the frames).
 """
@@ -92,3 +96,12 @@ def phone_purity(phones, units, mask=None) -> float:
 def cluster_purity(phones, units, mask=None) -> float:
   """``E_y[max_z p(z | y)]``: how concentrated each phone is on its most frequent unit."""
   return unit_quality(phones, units, mask)["cluster_purity"]
+
+
+def speaker_nmi(speakers, units, mask=None) -> float:
+  """``I(s; z) / H(s)``: the share of the speaker entropy explained by the units, ``[N]`` frame
+  speaker labels and unit ids (lower = more speaker-invariant units). Needs >= 2 speakers."""
+  counts, values, _ = contingency(speakers, units, mask)
+  if len(values) < 2:
+    raise ValueError(f"speaker_nmi needs frames of at least 2 speakers, got {len(values)}")
+  return scores_from_counts(counts)["pnmi"]

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jaxspeech.eval.units import cluster_purity, phone_purity, pnmi, unit_quality
+from jaxspeech.eval.units import cluster_purity, phone_purity, pnmi, speaker_nmi, unit_quality
 
 
 def _by_definition(phones, units):
@@ -82,3 +82,20 @@ def test_invariances_and_extremes():
   # Merging units never increases PNMI (data processing inequality).
   merged = unit_quality(phones, units // 2)
   assert merged["pnmi"] <= base["pnmi"] + 1e-12
+
+
+def test_speaker_nmi():
+  rng = np.random.default_rng(0)
+  spk = np.repeat(["a", "b", "c"], 400)  # [N]
+  # Units that carry the speaker (one private unit range per speaker) explain all of it.
+  private = rng.integers(0, 4, spk.size) + 4 * np.searchsorted(["a", "b", "c"], spk)
+  assert speaker_nmi(spk, private) == pytest.approx(1.0)
+  # Units drawn independently of the speaker explain (almost) none of it.
+  shared = rng.integers(0, 8, spk.size)
+  assert speaker_nmi(spk, shared) < 0.02
+  # Same value as PNMI with speakers as labels, from the definition.
+  mixed = np.where(rng.random(spk.size) < 0.5, private, shared + 100)
+  assert speaker_nmi(spk, mixed) == pytest.approx(_by_definition(list(spk), list(mixed))[0])
+  assert 0.2 < speaker_nmi(spk, mixed) < 0.8
+  with pytest.raises(ValueError, match="at least 2 speakers"):
+    speaker_nmi(np.zeros(10), np.arange(10))
