@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from jaxspeech.ops.pruning import (
+  _keep_from_scores,
   apply_masks,
   magnitude_mask,
   magnitude_masks,
@@ -138,3 +139,56 @@ def test_jit_traced_sparsity_single_trace_and_apply():
   pruned, _ = prune(params, jnp.float32(0.5), scope="per_tensor")
   again, _ = prune(pruned, jnp.float32(0.5), scope="per_tensor")
   chex.assert_trees_all_equal(again, pruned)
+
+
+def _argsort_keep(scores, k):
+  """Reference keep-mask (the former implementation): the first ``k`` of a stable ascending
+  ``jnp.argsort`` are pruned. jnp, not numpy: XLA's float compare treats subnormals as zero on CPU
+  (numpy orders them), and the selection must match the sort that XLA does."""
+  order = jnp.argsort(jnp.asarray(scores), stable=True)  # [P]
+  return np.asarray(jnp.zeros(order.shape, bool).at[order].set(jnp.arange(order.shape[0]) >= k))
+
+
+def _score_cases():
+  rng = np.random.default_rng(3)
+  yield "normal", np.abs(rng.normal(size=1001)).astype(np.float32)
+  yield "integer_ties", rng.integers(0, 7, size=777).astype(np.float32)
+  yield "half_zeros", np.where(rng.random(513) < 0.5, 0.0, np.abs(rng.normal(size=513))).astype(
+    np.float32)
+  yield "all_zero", np.zeros(99, np.float32)
+  yield "all_equal", np.full(64, 0.25, np.float32)
+  yield "one", np.asarray([2.5], np.float32)
+  yield "tiny_and_huge", np.asarray([0.0, 1e-45, 1e-38, 3e38, np.inf, 1e-45, 0.0, 1.0], np.float32)
+
+
+@pytest.mark.parametrize("s", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_selection_mask_equals_argsort_reference(s):
+  for name, scores in _score_cases():
+    k = round(scores.size * s)
+    got = np.asarray(_keep_from_scores(jnp.asarray(scores), s))
+    np.testing.assert_array_equal(got, _argsort_keep(scores, k), err_msg=name)
+    assert int((~got).sum()) == k, name
+
+
+def test_selection_traced_sparsity_one_trace():
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def keep(scores, s):
+    return _keep_from_scores(scores, s)
+
+  for name, scores in _score_cases():
+    if scores.size != 777:  # one shape: one trace
+      continue
+    for s in (0.0, 0.3, 0.5, 0.9, 1.0):
+      k = int(num_pruned(scores.size, jnp.float32(s)))
+      np.testing.assert_array_equal(np.asarray(keep(jnp.asarray(scores), jnp.float32(s))),
+                                    _argsort_keep(scores, k), err_msg=f"{name} {s}")
+
+
+def test_selection_orders_negative_zero_and_nan_like_argsort():
+  # Magnitudes are >= 0, but any float32 gets the argsort mask: -0.0 ties with 0.0, NaNs (of
+  # either sign) tie with each other after +inf, negative values come first.
+  x = np.asarray([0.0, -0.0, np.nan, -1.0, np.inf, -np.nan, 0.0, -np.inf, 2.0, -0.0], np.float32)
+  for k in range(x.size + 1):
+    got = np.asarray(_keep_from_scores(jnp.asarray(x), k / x.size))
+    np.testing.assert_array_equal(got, _argsort_keep(x, k), err_msg=str(k))
