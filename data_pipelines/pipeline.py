@@ -45,7 +45,7 @@ import numpy as np
 import soundfile as sf
 
 from data_pipelines import phones as phones_lib
-from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, resample
+from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, normalize_waveform, resample
 
 PERTURB_MODES = (None, "praat", "jax")
 
@@ -271,7 +271,7 @@ class _LoadBatch:
   def _norm(self, wav: np.ndarray) -> np.ndarray:
     if not self.normalize:
       return wav
-    return (wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)  # as HF Wav2Vec2FeatureExtractor
+    return normalize_waveform(wav)  # as HF Wav2Vec2FeatureExtractor
 
   def _jax_perturb(self, g, raw, mask):
     import jax  # the worker's CPU; on an accelerator call jaxspeech.ops.perturb in the step

@@ -3,7 +3,8 @@
 `load_audio` is the one place where bad input is rejected: unreadable, empty, zero-length or
 non-finite audio raises `AudioError` naming the file. Stereo is averaged to mono; other sample
 rates are resampled with `scipy.signal.resample_poly` (polyphase FIR with a Kaiser window, the
-well-kept resampler already installed with jax).
+well-kept resampler already installed with jax). `normalize_waveform` is the per-utterance
+zero-mean / unit-variance input normalisation every model is trained with.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.
   g = math.gcd(int(orig_sr), int(target_sr))
   out = scipy.signal.resample_poly(wav, target_sr // g, orig_sr // g)
   return out.astype(np.float32, copy=False)
+
+
+def normalize_waveform(wav: np.ndarray) -> np.ndarray:
+  """``(wav - mean) / sqrt(var + 1e-7)`` over one utterance's valid samples. [S] -> [S] float32.
+
+  HF ``Wav2Vec2FeatureExtractor(do_normalize=True)`` (its ``zero_mean_unit_var_norm``; 1e-7 is its
+  constant) and what the training pipeline feeds every model (``data_pipelines.pipeline``), so
+  evaluation and extraction call it too. Pass the unpadded utterance: padding is zero *after*
+  normalising, as in both. Computed in the input's dtype (float32 from `load_audio`).
+  """
+  wav = np.asarray(wav)
+  return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32, copy=False)
 
 
 def read_info(path: str | os.PathLike) -> sf._SoundFileInfo:

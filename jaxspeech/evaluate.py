@@ -19,8 +19,13 @@ Tasks and output:
 
 `--checkpoint` is an HF checkpoint directory (config.json + weights), a jaxspeech training workdir
 (its `config.json` and latest checkpoint), or `mfcc` (39-d MFCC + deltas at 50 Hz, the HuBERT
-iteration-1 features; `--layer` is ignored). `--layer` is a hidden-state index (0 = transformer
-input, HF `hidden_states` convention; negative counts from the end) or `last`.
+iteration-1 features; `--layer` is ignored). Encoders get their input as in training: every
+utterance normalised to zero mean / unit variance (`jaxspeech.audio.normalize_waveform`) before
+padding -- always for a workdir (the training pipeline always normalises), for an HF directory
+as its `preprocessor_config.json`'s `do_normalize` says (normalised without one, the
+Wav2Vec2FeatureExtractor default); MFCCs get the raw waveform. `--layer` is a hidden-state
+index (0 = transformer input, HF `hidden_states` convention; negative counts from the end) or
+`last`.
 Frame phone labels come from the manifest's `alignment` rows (frame t = phone covering its
 centre at 50 Hz); `--split` keeps only rows of one split (e.g. `test`, the held-out speakers of
 the built-in corpus). Errors (missing checkpoint, rows without alignments for units/abx, ...) are
@@ -44,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio
+from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, normalize_waveform
 
 TASKS = ('units', 'abx', 'speaker_probe', 'ctc')
 BUCKET = SAMPLE_RATE  # pad utterances to whole seconds: few compilations
@@ -60,9 +65,13 @@ class EvalError(Exception):
 
 
 class Features:
-  """What a checkpoint gives: frame features of a layer, and optionally DinoSR codebook units."""
+  """What a checkpoint gives: frame features of a layer, and optionally DinoSR codebook units.
+
+  `normalize`: `utterance_outputs` feeds each utterance normalised (`normalize_waveform`), the
+  input the model was trained on."""
 
   num_layers: int = 0
+  normalize: bool = True
   frames_of = None  # samples -> frames
 
   def features(self, wav, mask, layer: int):
@@ -74,6 +83,8 @@ class Features:
 
 class MfccFeatures(Features):
   """39-d Kaldi MFCC + deltas + delta-deltas at 50 Hz (`jaxspeech.methods.hubert`)."""
+
+  normalize = False  # HuBERT's iteration-1 targets are MFCCs of the raw waveform
 
   def __init__(self):
     from jaxspeech.models.speech_encoder import EncoderConfig
@@ -95,8 +106,9 @@ class MfccFeatures(Features):
 class EncoderFeatures(Features):
   """Hidden states of a SpeechEncoder (plus a DinoSR codebook when the workdir has one)."""
 
-  def __init__(self, encoder, codebooks=None, num_target_layers: int = 0):
+  def __init__(self, encoder, codebooks=None, num_target_layers: int = 0, normalize: bool = True):
     self.encoder = encoder
+    self.normalize = normalize
     self.cfg = encoder.config
     self.num_layers = self.cfg.num_hidden_layers
     self.codebooks = codebooks
@@ -190,7 +202,9 @@ def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
       params = nnx.state(encoder.encoder, nnx.Param)
       nnx.replace_by_pure_dict(params, extra['teacher'])
       nnx.update(encoder.encoder, params)
-  return EncoderFeatures(encoder, codebooks, k)
+  # The trainer always normalises its input (`jaxspeech.train.data` calls `make_dataset` with its
+  # default normalize=True; the config has no key to turn it off), so a workdir's model is too.
+  return EncoderFeatures(encoder, codebooks, k, normalize=True)
 
 
 def load_checkpoint(checkpoint: str, with_codebook: bool = False) -> Features:
@@ -207,7 +221,8 @@ def load_checkpoint(checkpoint: str, with_codebook: bool = False) -> Features:
     if with_codebook:
       raise EvalError('--codebook: an HF checkpoint has no DinoSR codebook')
     from jaxspeech.interop import hf
-    return EncoderFeatures(hf.load_encoder(checkpoint))
+    return EncoderFeatures(hf.load_encoder(checkpoint),
+                           normalize=hf.feature_extractor_normalizes(checkpoint))
   raise EvalError(f'--checkpoint {checkpoint}: neither a jaxspeech workdir (no checkpoints/) nor '
                   'an HF checkpoint directory (no config.json)')
 
@@ -249,7 +264,10 @@ def load_rows(manifest: str, split: str, need_alignment: bool) -> list[dict]:
 
 def utterance_outputs(extractor: Features, wavs: Sequence[np.ndarray], fn, batch_size: int = 8):
   """Runs `fn(wav, mask) -> ([B, T, ...], frame_mask)` over length-sorted, bucket-padded batches;
-  returns one `[T_i, ...]` numpy array per utterance (valid frames only)."""
+  returns one `[T_i, ...]` numpy array per utterance (valid frames only). Each utterance is
+  normalised first (over its own samples, before padding) when `extractor.normalize`."""
+  if extractor.normalize:
+    wavs = [normalize_waveform(w) for w in wavs]
   out = [None] * len(wavs)
   order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
   for start in range(0, len(order), batch_size):

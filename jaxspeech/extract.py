@@ -8,13 +8,18 @@
 (its config.json and latest checkpoint: the encoder of a Spin, DinoSR, HuBERT-style... run).
 
 Features: one float32 array [T, D] per file and layer under the key "<file stem>/layer_<i>",
-i = 0..L: exactly HF transformers' `hidden_states[i]` (`output_hidden_states=True`).
+i = 0..L: exactly HF transformers' `hidden_states[i]` (`output_hidden_states=True`) of the
+checkpoint's feature extractor's output.
 Units (`--units`, a workdir whose model has a codebook head, e.g. Spin): one int32 array [T] of
 per-frame codeword ids argmax(z Cᵀ) per file under the key "<file stem>"; an `--out` ending in
 `.txt` gets one line per file instead, "<stem> id id id ...". Audio is
 read with soundfile, averaged to mono and resampled to 16 kHz with scipy's polyphase
-`resample_poly`. Files are grouped by length and padded to a few bucket lengths (padding is exact
-in jaxspeech's encoder, so this changes no number and bounds the number of compilations).
+`resample_poly`, then normalised per file to zero mean / unit variance as in training
+(`jaxspeech.audio.normalize_waveform`): always for a workdir, for an HF folder as its
+`preprocessor_config.json`'s `do_normalize` says (normalised without one, the
+Wav2Vec2FeatureExtractor default). Files are grouped by length and padded to a few bucket
+lengths after normalising (padding is exact in jaxspeech's encoder, so this changes no number and
+bounds the number of compilations).
 A bad file (missing, unreadable, empty, NaN/inf) stops the run with its name; exit code 1.
 """
 
@@ -29,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio
+from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, normalize_waveform
 
 BUCKET = SAMPLE_RATE  # pad to whole seconds
 
@@ -86,6 +91,19 @@ def load_model(checkpoint: str):
   return hf.load_encoder(checkpoint)
 
 
+def input_normalized(checkpoint: str) -> bool:
+  """Whether the checkpoint's model takes per-utterance normalised waveforms: a workdir's always
+  (the trainer always normalises), an HF folder's as its preprocessor config says."""
+  from jaxspeech.interop import hf
+
+  return is_workdir(checkpoint) or hf.feature_extractor_normalizes(checkpoint)
+
+
+def _load_wavs(files: Sequence[str], normalize: bool) -> list[np.ndarray]:
+  wavs = [load_audio(f) for f in files]  # raises AudioError naming a bad file
+  return [normalize_waveform(w) for w in wavs] if normalize else wavs
+
+
 def load_units_model(checkpoint: str):
   """The whole model of a workdir whose method has discrete units (`model.units`)."""
   if not os.path.isdir(checkpoint):
@@ -123,10 +141,13 @@ def _stems(files: Sequence[str]) -> list[str]:
   return stems
 
 
-def extract_units(model, files: Sequence[str], batch_size: int = 8) -> dict[str, np.ndarray]:
-  """Returns {"<stem>": [T] int32 codeword ids} for every file (`model.units`)."""
+def extract_units(
+  model, files: Sequence[str], batch_size: int = 8, normalize: bool = True
+) -> dict[str, np.ndarray]:
+  """Returns {"<stem>": [T] int32 codeword ids} for every file (`model.units`); `normalize`: feed
+  each file normalised (`normalize_waveform`), as the workdir's model was trained."""
   stems = _stems(files)
-  wavs = [load_audio(f) for f in files]  # raises AudioError naming a bad file
+  wavs = _load_wavs(files, normalize)
   cfg = model.encoder.config
   run = jax.jit(model.units)
   result = {}
@@ -142,11 +163,12 @@ def extract_units(model, files: Sequence[str], batch_size: int = 8) -> dict[str,
 
 
 def extract(
-  model, files: Sequence[str], layers: Sequence[int], batch_size: int = 8
+  model, files: Sequence[str], layers: Sequence[int], batch_size: int = 8, normalize: bool = True
 ) -> dict[str, np.ndarray]:
-  """Returns {"<stem>/layer_<i>": [T, D] float32} for every file and layer."""
+  """Returns {"<stem>/layer_<i>": [T, D] float32} for every file and layer; `normalize`: feed each
+  file normalised (`normalize_waveform`; see `input_normalized`)."""
   stems = _stems(files)
-  wavs = [load_audio(f) for f in files]  # raises AudioError naming a bad file
+  wavs = _load_wavs(files, normalize)
   cfg = model.config
   top = max(layers)
 
@@ -180,11 +202,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   try:
     if args.units:
-      feats = extract_units(load_units_model(args.checkpoint), args.audio, args.batch_size)
+      feats = extract_units(load_units_model(args.checkpoint), args.audio, args.batch_size,
+                            normalize=True)  # a workdir (load_units_model checks)
     else:
       model = load_model(args.checkpoint)
       layers = parse_layers(args.layers, model.config.num_hidden_layers)
-      feats = extract(model, args.audio, layers, args.batch_size)
+      feats = extract(model, args.audio, layers, args.batch_size,
+                      normalize=input_normalized(args.checkpoint))
   except (AudioError, ValueError, FileNotFoundError, NotImplementedError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

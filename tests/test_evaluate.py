@@ -149,6 +149,45 @@ def test_hf_checkpoint_dir(corpus, tmp_path, capsys):
   assert rc == 1 and 'codebook' in err
 
 
+def _gain_offset_gap(extractor, layer):
+  """max |features(3 w + 0.1) - features(w)| through `utterance_outputs` (the evaluate path)."""
+  w = np.random.default_rng(0).uniform(-0.5, 0.5, 12000).astype(np.float32)  # [S]
+  a, b = evaluate.utterance_outputs(extractor, [w, 3.0 * w + 0.1],
+                                    lambda x, m: extractor.features(x, m, layer))
+  assert a.shape == b.shape and np.abs(a).max() > 0.1
+  return float(np.abs(a - b).max())
+
+
+def test_encoder_input_normalised_as_in_training(tmp_path):
+  """HF dirs: normalised per utterance unless preprocessor_config.json says do_normalize=false;
+  MFCCs: raw. (Workdirs: `test_workdir_input_normalised`.)"""
+  import shutil
+
+  from flax import nnx
+
+  from jaxspeech.interop import hf
+  from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
+
+  # Large-style CNN (LayerNorm over channels per frame, conv bias): unlike the base GroupNorm
+  # over time, it is not itself nearly invariant to input gain and offset.
+  cfg = EncoderConfig.preset('tiny', **SMALL_MODEL, feat_extract_norm='layer', conv_bias=True)
+  hf.save_hf_checkpoint(SpeechEncoder(cfg, rngs=nnx.Rngs(0)), tmp_path / 'hf')
+  shutil.copytree(tmp_path / 'hf', tmp_path / 'hf_raw')
+  with open(tmp_path / 'hf_raw' / 'preprocessor_config.json', 'w') as f:
+    json.dump({'do_normalize': False}, f)
+  normed = evaluate.load_checkpoint(str(tmp_path / 'hf'))
+  raw = evaluate.load_checkpoint(str(tmp_path / 'hf_raw'))
+  assert normed.normalize and not raw.normalize and not evaluate.MfccFeatures().normalize
+  assert _gain_offset_gap(normed, 2) <= 1e-5
+  assert _gain_offset_gap(raw, 2) > 1e-2
+
+
+def test_workdir_input_normalised(workdir):
+  extractor = evaluate.load_checkpoint(workdir)
+  assert extractor.normalize
+  assert _gain_offset_gap(extractor, extractor.num_layers) <= 1e-5
+
+
 def test_errors(corpus, tmp_path, capsys):
   rc, out, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'nope'), '--manifest', corpus,
                          '--task', 'units')

@@ -58,15 +58,39 @@ def test_features_equal_transformers(ckpt, audio_files, tmp_path):
   assert rc == 0
   feats = np.load(out)
   assert len(feats.files) == 3 * 3
+  # HF's own pipeline: its feature extractor (do_normalize=True by default; the checkpoint has no
+  # preprocessor_config.json), then the model.
+  fe = transformers.Wav2Vec2FeatureExtractor()
   for f in audio_files:
     wav = load_audio(f)
+    x = fe(wav, sampling_rate=16000, return_tensors="pt").input_values  # [1, S]
     with torch.no_grad():
-      ref = hf_model(torch.from_numpy(wav)[None], output_hidden_states=True).hidden_states
+      ref = hf_model(x, output_hidden_states=True).hidden_states
     stem = os.path.splitext(os.path.basename(f))[0]
     for i, r in enumerate(ref):
       got = feats[f"{stem}/layer_{i}"]
       assert got.dtype == np.float32 and got.shape == r.shape[1:]
       assert np.max(np.abs(got - r[0].numpy())) <= 1e-4
+
+
+def test_preprocessor_config_do_normalize_false_feeds_raw_audio(ckpt, audio_files, tmp_path):
+  import json
+  import shutil
+
+  path, hf_model = ckpt
+  raw_dir = tmp_path / "raw"
+  shutil.copytree(path, raw_dir)
+  with open(raw_dir / "preprocessor_config.json", "w") as f:
+    json.dump({"feature_extractor_type": "Wav2Vec2FeatureExtractor", "do_normalize": False}, f)
+  assert not extract.input_normalized(str(raw_dir)) and extract.input_normalized(str(path))
+  out = tmp_path / "raw.npz"
+  assert extract.main(["--checkpoint", str(raw_dir), "--audio", audio_files[0], "--layers", "-1",
+                       "--out", str(out)]) == 0
+  wav = load_audio(audio_files[0])
+  with torch.no_grad():
+    ref = hf_model(torch.from_numpy(wav)[None], output_hidden_states=True).hidden_states[-1]
+  stem = os.path.splitext(os.path.basename(audio_files[0]))[0]
+  assert np.max(np.abs(np.load(out)[f"{stem}/layer_2"] - ref[0].numpy())) <= 1e-4
 
 
 def test_resampling_and_stereo(audio_files):

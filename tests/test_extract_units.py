@@ -15,7 +15,7 @@ from flax import nnx
 
 from experiments import spin as exp
 from jaxspeech import extract
-from jaxspeech.audio import load_audio
+from jaxspeech.audio import load_audio, normalize_waveform
 from jaxspeech.methods import spin
 from jaxspeech.methods.base import encoder_config
 from jaxspeech.train import checkpoint as ckpt_lib
@@ -97,7 +97,7 @@ def test_units_equal_by_hand_argmax(spin_workdir, audio_files, tmp_path):
   np.testing.assert_allclose(np.linalg.norm(host['params']['codebook'], axis=-1), 1.0, atol=1e-6)
   for f in audio_files:
     got = units[os.path.splitext(os.path.basename(f))[0]]
-    wav = load_audio(f)
+    wav = normalize_waveform(load_audio(f))  # what a workdir model is fed (as in training)
     ref, _ = _by_hand(setup, host, wav)
     assert got.dtype == np.int32 and got.shape == ref.shape
     assert got.shape[0] == encoder_config(json_config(workdir).model).num_frames(len(wav))
@@ -125,7 +125,7 @@ def test_features_from_workdir_equal_in_memory_encoder(spin_workdir, audio_files
   assert extract.main(['--checkpoint', workdir, '--audio', audio_files[1], '--layers', '-1',
                        '--out', str(out)]) == 0
   got = np.load(out)['b/layer_2']
-  _, ref = _by_hand(setup, host, load_audio(audio_files[1]))
+  _, ref = _by_hand(setup, host, normalize_waveform(load_audio(audio_files[1])))
   np.testing.assert_allclose(got, ref, atol=1e-5)
 
 

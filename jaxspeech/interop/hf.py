@@ -270,6 +270,17 @@ def load_hf_checkpoint(path: str | os.PathLike, ignore: str | None = TASK_HEADS)
   return cfg, convert_state_dict(read_state_dict(path), cfg, ignore=ignore)
 
 
+def feature_extractor_normalizes(path: str | os.PathLike) -> bool:
+  """Whether the checkpoint's waveforms are normalised per utterance before the model: the
+  `do_normalize` of its `preprocessor_config.json`, True without one (the default of
+  transformers' Wav2Vec2FeatureExtractor, and what jaxspeech's training pipeline does)."""
+  pre = os.path.join(os.fspath(path), "preprocessor_config.json")
+  if not os.path.exists(pre):
+    return True
+  with open(pre) as f:
+    return bool(json.load(f).get("do_normalize", True))
+
+
 def load_encoder(path: str | os.PathLike, **config_overrides) -> SpeechEncoder:
   """An HF checkpoint directory as a ready SpeechEncoder (e.g. dtype='bfloat16')."""
   cfg, params = load_hf_checkpoint(path)
