@@ -90,6 +90,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method = ml_collections.ConfigDict()
   c.method.name = 'dinosr'
   c.method.average_top_k_layers = 3 if tiny else 8
+  # Each target layer's FFN output before the residual add (DinoSR's `layer_results`); 'block' =
+  # the block output (hidden state).
+  c.method.target_output = 'ffn'
   c.method.codebook_size = 64 if tiny else 256
   c.method.codebook_decay = 0.9
   c.method.ema_decay = 0.99 if tiny else 0.999

@@ -19,7 +19,8 @@ Stages (each reused when a previous run finished it; progress is logged througho
                   the held-out split has only two speakers, so utterance means are easy);
                 - units at the same K: Spin's own units argmax(z Cᵀ) vs k-means (K clusters) of the
                   initial model's features; PNMI, phone purity, cluster purity against the 50 Hz
-                  frame phone labels (also k-means on the Spin model's features, for reference);
+                  frame phone labels (also k-means on the Spin model's features, for reference),
+                  and the speaker information in the units, I(unit; speaker) / H(speaker);
                 - ABX error within / across speakers (DTW on cosine distance, triphone items).
                 The table is printed and written to WORKDIR/results.json.
 """
@@ -122,7 +123,7 @@ def frame_speaker_probe(feats, speakers, frames_per_utt: int, seed: int = 0) -> 
 def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int) -> dict[str, float]:
   """All metrics of one encoder. `units_fn` (wav, mask) -> (units, frame_mask), or None."""
   from jaxspeech import evaluate as ev
-  from jaxspeech.eval.units import unit_quality
+  from jaxspeech.eval.units import speaker_nmi, unit_quality
 
   layer = ev.parse_layer(LAYER, extractor.num_layers)
   res = {}
@@ -142,6 +143,8 @@ def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int) -> dict[s
     q = unit_quality(y, u, y >= 0)
     res.update({f'units_{key}': q[key] for key in ('pnmi', 'phone_purity', 'cluster_purity')})
     res['units_used'] = q['num_units_used']
+    frame_speakers = np.concatenate([[s] * len(v) for s, v in zip(speakers, units)])
+    res['units_speaker_nmi'] = speaker_nmi(frame_speakers, u)
   logging.info('  %s: units %s [%.0f s]', name,
                {key: round(v, 3) for key, v in res.items() if 'pnmi' in key},
                time.perf_counter() - t0)
@@ -172,6 +175,8 @@ ROWS = (
   ('cluster purity: initial k-means vs Spin units', 'kmeans_cluster_purity',
    'units_cluster_purity'),
   ('PNMI: k-means on each model\'s features', 'kmeans_pnmi', 'kmeans_pnmi'),
+  ('speaker info in units I(unit; spk)/H(spk) (lower = more invariant)', 'kmeans_speaker_nmi',
+   'units_speaker_nmi'),
   ('ABX within speakers (%, lower = better)', 'abx_within', 'abx_within'),
   ('ABX across speakers (%, lower = better)', 'abx_across', 'abx_across'),
 )

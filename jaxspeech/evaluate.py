@@ -7,9 +7,12 @@ r"""Unit-quality evaluation of a checkpoint's features on a manifest; prints one
     python -m jaxspeech.evaluate --checkpoint DIR --manifest M --task ctc [--split test]
 
 Tasks and output:
-  units          k-means (`jaxspeech.ops.kmeans`, K clusters, fitted on the evaluated frames) of
-                 layer L, or with `--codebook` the model's own DinoSR codebook of layer L, scored
-                 against 50 Hz frame phone labels: {"pnmi", "phone_purity", "cluster_purity"}.
+  units          k-means (`jaxspeech.ops.kmeans`, K clusters, 50 Lloyd iterations from k-means++,
+                 fitted on the evaluated frames' raw features as HuBERT's recipe; `--standardize`
+                 z-scores them first) of layer L, or with `--codebook` the model's own DinoSR
+                 codebook of layer L, scored against 50 Hz frame phone labels: {"pnmi",
+                 "phone_purity", "cluster_purity"}, plus "speaker_nmi" (the share of the speaker
+                 entropy the units explain; lower = more speaker-invariant) given >= 2 speakers.
   abx            ZeroSpeech-style ABX error (%) on phone segments in context (triphones), DTW on
                  cosine distance: {"abx_within", "abx_across"}.
   speaker_probe  linear speaker classifier on utterance-mean features, accuracy on held-out
@@ -31,7 +34,8 @@ centre at 50 Hz); `--split` keeps only rows of one split (e.g. `test`, the held-
 the built-in corpus). Errors (missing checkpoint, rows without alignments for units/abx, ...) are
 printed to stderr with exit code 1.
 
-`--codebook` assigns frames the way DinoSR's targets are made: layer L's features of the EMA
+`--codebook` assigns frames the way DinoSR's targets are made: layer L's output (its feed-forward
+output before the residual add, or the block output, as the run's `method.target_output`) of the EMA
 teacher (the student's CNN and projection, the teacher's transformer, unmasked input; all tasks of
 that run use the teacher) instance-normalised over each utterance, then the nearest codeword of
 that layer's codebook; only layers among the method's top-K target layers have one.
@@ -106,8 +110,10 @@ class MfccFeatures(Features):
 class EncoderFeatures(Features):
   """Hidden states of a SpeechEncoder (plus a DinoSR codebook when the workdir has one)."""
 
-  def __init__(self, encoder, codebooks=None, num_target_layers: int = 0, normalize: bool = True):
+  def __init__(self, encoder, codebooks=None, num_target_layers: int = 0, normalize: bool = True,
+               target_output: str = 'block'):
     self.encoder = encoder
+    self.target_output = target_output  # what the codebooks cluster (DinoSR's target_output)
     self.normalize = normalize
     self.cfg = encoder.config
     self.num_layers = self.cfg.num_hidden_layers
@@ -133,6 +139,21 @@ class EncoderFeatures(Features):
       self._run[key] = run
     return self._run[key](wav, mask)
 
+  def _ffn(self, wav, mask, layer):
+    """Feed-forward output of block `layer` (1-based) before its residual add, `[B, T, D]`."""
+    key = (layer, 'ffn')
+    if key not in self._run:
+      encoder = self.encoder
+
+      @jax.jit
+      def run(w, m):
+        x, _, frame_mask = encoder.embed(w, m, deterministic=True)
+        _, _, ffn = encoder.encoder(x, frame_mask, num_layers=layer, return_ffn=True)
+        return ffn[layer - 1], frame_mask
+
+      self._run[key] = run
+    return self._run[key](wav, mask)
+
   def features(self, wav, mask, layer):
     return self._hidden(wav, mask, layer)
 
@@ -148,8 +169,10 @@ class EncoderFeatures(Features):
                       f'{first}..{self.num_layers})')
     i = layer - first
     state = cb.CodebookState(self.codebooks.sums[i], self.codebooks.counts[i])
-    # DinoSR's targets are block outputs (hidden_states), also for the last layer.
-    h, fmask = self._hidden(wav, mask, layer, block_output=True)
+    if self.target_output == 'ffn':  # layer L's feed-forward output before its residual add
+      h, fmask = self._ffn(wav, mask, layer)
+    else:  # block outputs (hidden_states), also for the last layer
+      h, fmask = self._hidden(wav, mask, layer, block_output=True)
     y = distillation.instance_norm_over_time(h, fmask)
     ids, _ = cb.nearest_codeword(y, cb.codebook_embeddings(state))
     return ids, fmask
@@ -204,7 +227,8 @@ def load_workdir(workdir: str, with_codebook: bool) -> EncoderFeatures:
       nnx.update(encoder.encoder, params)
   # The trainer always normalises its input (`jaxspeech.train.data` calls `make_dataset` with its
   # default normalize=True; the config has no key to turn it off), so a workdir's model is too.
-  return EncoderFeatures(encoder, codebooks, k, normalize=True)
+  return EncoderFeatures(encoder, codebooks, k, normalize=True,
+                         target_output=getattr(method, 'target_output', 'block'))
 
 
 def load_checkpoint(checkpoint: str, with_codebook: bool = False) -> Features:
@@ -301,8 +325,14 @@ def frame_phone_labels(rows: Sequence[dict], num_frames: Sequence[int]) -> list[
 # Tasks.
 
 
-def task_units(extractor, wavs, rows, layer, k, use_codebook, seed=0, kmeans_iters=50):
-  from jaxspeech.eval.units import unit_quality
+def task_units(extractor, wavs, rows, layer, k, use_codebook, seed=0, kmeans_iters=50,
+               standardize=False, return_units=False):
+  """Units (k-means of layer `layer`, or the model's codebook) scored against the frame phones:
+  {"pnmi", "phone_purity", "cluster_purity"}, plus "speaker_nmi" (I(speaker; unit) / H(speaker),
+  `jaxspeech.eval.units.speaker_nmi`) when the rows hold >= 2 speakers. k-means runs on the raw
+  features, as HuBERT's recipe (fairseq `learn_kmeans.py`); `standardize` z-scores every
+  dimension first. With `return_units`, also the per-utterance unit arrays."""
+  from jaxspeech.eval.units import speaker_nmi, unit_quality
   from jaxspeech.ops import kmeans
 
   if use_codebook:
@@ -313,8 +343,9 @@ def task_units(extractor, wavs, rows, layer, k, use_codebook, seed=0, kmeans_ite
     x = np.concatenate(feats).astype(np.float32)
     if len(x) < k:
       raise EvalError(f'--k {k}: only {len(x)} frames to cluster')
-    mu, sd = x.mean(0), x.std(0) + 1e-5  # standardise (MFCC c0 would dominate otherwise)
-    z = jnp.asarray((x - mu) / sd)
+    if standardize:
+      x = (x - x.mean(0)) / (x.std(0) + 1e-5)
+    z = jnp.asarray(x)
     fit = jax.jit(kmeans.kmeans_fit, static_argnums=(2, 3))
     centroids, _ = fit(z, None, k, kmeans_iters, jax.random.key(seed))
     ids = np.asarray(kmeans.kmeans_assign(z, centroids)[0])
@@ -322,8 +353,12 @@ def task_units(extractor, wavs, rows, layer, k, use_codebook, seed=0, kmeans_ite
   labels = frame_phone_labels(rows, [len(u) for u in units])
   y, u = np.concatenate(labels), np.concatenate(units)
   r = unit_quality(y, u, y >= 0)
-  return {'pnmi': r['pnmi'], 'phone_purity': r['phone_purity'],
-          'cluster_purity': r['cluster_purity']}
+  out = {'pnmi': r['pnmi'], 'phone_purity': r['phone_purity'],
+         'cluster_purity': r['cluster_purity']}
+  speakers = np.concatenate([[row.get('speaker', '')] * len(v) for row, v in zip(rows, units)])
+  if len(set(speakers.tolist())) >= 2:
+    out['speaker_nmi'] = speaker_nmi(speakers, u)
+  return (out, units) if return_units else out
 
 
 def task_abx(extractor, wavs, rows, layer, max_items_per_cell=5, seed=0):
@@ -361,7 +396,8 @@ def task_speaker_probe(extractor, wavs, rows, layer, seed=0):
 
 
 def evaluate(checkpoint: str, manifest: str, task: str, layer: str = 'last', k: int = 50,
-             codebook: bool = False, split: str = '', seed: int = 0) -> dict[str, float]:
+             codebook: bool = False, split: str = '', seed: int = 0,
+             standardize: bool = False) -> dict[str, float]:
   if task not in TASKS:
     raise EvalError(f'--task {task!r}: choose one of {TASKS}')
   if codebook and task != 'units':
@@ -377,7 +413,7 @@ def evaluate(checkpoint: str, manifest: str, task: str, layer: str = 'last', k: 
   except AudioError as e:
     raise EvalError(str(e)) from None
   if task == 'units':
-    return task_units(extractor, wavs, rows, li, k, codebook, seed)
+    return task_units(extractor, wavs, rows, li, k, codebook, seed, standardize=standardize)
   if task == 'abx':
     return task_abx(extractor, wavs, rows, li, seed=seed)
   return task_speaker_probe(extractor, wavs, rows, li, seed)
@@ -394,10 +430,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--codebook', action='store_true', help="units: the model's DinoSR codebook")
   p.add_argument('--split', default='', help="only manifest rows with this split ('' = all)")
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--standardize', action='store_true',
+                 help='units: z-score each feature dimension before k-means (default: raw)')
   args = p.parse_args(argv)
   try:
     result = evaluate(args.checkpoint, args.manifest, args.task, args.layer, args.k,
-                      args.codebook, args.split, args.seed)
+                      args.codebook, args.split, args.seed, args.standardize)
   except (EvalError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

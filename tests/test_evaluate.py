@@ -65,8 +65,8 @@ def run_cli(capsys, *args):
 
 
 def check_units(r):
-  assert set(r) == {'pnmi', 'phone_purity', 'cluster_purity'}
-  assert 0.0 < r['pnmi'] < 1.0
+  assert set(r) == {'pnmi', 'phone_purity', 'cluster_purity', 'speaker_nmi'}  # corpus: 4 speakers
+  assert 0.0 < r['pnmi'] < 1.0 and 0.0 <= r['speaker_nmi'] < 1.0
   assert 0.0 < r['phone_purity'] <= 1.0 and 0.0 < r['cluster_purity'] <= 1.0
 
 
@@ -78,6 +78,14 @@ def test_mfcc_every_task(corpus, capsys):
   check_units(units)
   # 20 clusters of MFCCs carry a good part of the phone information of clean synthetic speech.
   assert units['pnmi'] > 0.15
+  # MFCC speaker information: the 4 voices differ in pitch / formants, units reveal part of it.
+  assert units['speaker_nmi'] > 0.05
+  rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task', 'units',
+                       '--k', '20', '--standardize')  # z-scored dimensions: other clusters
+  assert rc == 0
+  std = json.loads(out.strip())
+  check_units(std)
+  assert std['pnmi'] != units['pnmi']
   rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task', 'abx')
   assert rc == 0
   abx = json.loads(out.strip())

@@ -205,14 +205,21 @@ class TransformerBlock(nnx.Module):
     )
     self.final_layer_norm = layer_norm(dim, eps, **kw)
 
-  def __call__(self, x, mask, position_bias=None, *, deterministic=True, rng=None):
+  def __call__(self, x, mask, position_bias=None, *, deterministic=True, rng=None,
+               return_ffn=False):
+    """`[B, T, D] -> [B, T, D]`; with `return_ffn` also the feed-forward output before the
+    residual add (and before the final LayerNorm of post-LN blocks): data2vec / DinoSR's
+    `layer_result` target."""
     r_att, r_drop, r_ff = (None,) * 3 if rng is None else jax.random.split(rng, 3)
     x = constrain(x, ACT_BATCH, ACT_LENGTH, ACT_EMBED)  # [B, T, D]
     kw = dict(deterministic=deterministic)
     if self.pre_norm:
       h = self.attention(self.layer_norm(x), mask, position_bias, rng=r_att, **kw)
       x = x + dropout(h, self.hidden_dropout, deterministic, r_drop)
-      return x + self.feed_forward(self.final_layer_norm(x), rng=r_ff, **kw)
+      f = self.feed_forward(self.final_layer_norm(x), rng=r_ff, **kw)
+      return (x + f, f) if return_ffn else x + f
     h = self.attention(x, mask, position_bias, rng=r_att, **kw)
     x = self.layer_norm(x + dropout(h, self.hidden_dropout, deterministic, r_drop))
-    return self.final_layer_norm(x + self.feed_forward(x, rng=r_ff, **kw))
+    f = self.feed_forward(x, rng=r_ff, **kw)
+    out = self.final_layer_norm(x + f)
+    return (out, f) if return_ffn else out

@@ -25,9 +25,11 @@ Options beyond the reference (`config.method`): `codebook_init='normal'` (DinoSR
 the tiny run used only ~20% of its codewords, those that lost the first assignments never being
 updated again.
 
-Deviation: DinoSR (after data2vec) takes each layer's FFN output before the final residual/LN as
-the target; here the target is the block output (`hidden_states`), instance-normalised the same
-way.
+Targets (`config.method.target_output`): `'ffn'` (the configs' value) is DinoSR's, after
+data2vec: each target layer's feed-forward output before the residual add and the final LayerNorm
+(`TransformerBlock(return_ffn=True)`); `'block'` takes the block output (`hidden_states`) instead,
+the only choice before Nov 29 (workdirs without the key). On the tiny run, block-output targets
+made units that encode the distance to the utterance edge more than the phone (see README).
 
 Metrics: `acc_masked` (mean over layers of the head's accuracy at masked frames, chance is about
 1/V), `loss_layer_k`, `codebook_ppl_k` / `codebook_used_k` (perplexity and fraction of codewords
@@ -56,6 +58,9 @@ TRANSFORMER_PATH = ('encoder', 'encoder')
 # `config.method.codebook_init`: DinoSR's default (randn instance-normalised over codewords) and
 # its `normal_init_codebook` option (N(0, 1/V)).
 CODEBOOK_INITS = {'instance_norm': cb.init_codebook, 'normal': cb.init_codebook_normal}
+# `config.method.target_output`: each target layer's feed-forward output before the residual add
+# (DinoSR's `layer_results`, after data2vec) or the whole block's output (hidden state).
+TARGET_OUTPUTS = ('ffn', 'block')
 
 
 class DinosrModel(nnx.Module):
@@ -76,21 +81,24 @@ def transformer_params(model: DinosrModel) -> dict:
 
 
 def run_teacher(model: DinosrModel, teacher: dict, x: jax.Array, frame_mask: jax.Array,
-                num_layers: int) -> tuple[jax.Array, ...]:
+                num_layers: int, target_output: str = 'ffn') -> tuple[jax.Array, ...]:
   """The student's transformer architecture with the teacher's weights, eval mode, no gradient.
 
-  `x [B, T, D]` unmasked projected features; returns the L+1 hidden states `[B, T, D]`.
+  `x [B, T, D]` unmasked projected features. Returns one `[B, T, D]` output per block
+  (`num_layers` of them): the feed-forward output before the residual add for
+  `target_output='ffn'` (DinoSR / data2vec), the block output for `'block'`.
   """
   graphdef, params, rest = nnx.split(model.encoder.encoder, nnx.Param, ...)
   nnx.replace_by_pure_dict(params, jax.tree.map(jax.lax.stop_gradient, teacher))
   module = nnx.merge(graphdef, params, rest)
-  hidden, _ = module(jax.lax.stop_gradient(x), frame_mask, deterministic=True,
-                     num_layers=num_layers)
-  return tuple(jax.lax.stop_gradient(h) for h in hidden)
+  hidden, _, ffn = module(jax.lax.stop_gradient(x), frame_mask, deterministic=True,
+                          num_layers=num_layers, return_ffn=True)
+  outs = ffn if target_output == 'ffn' else hidden[1:]
+  return tuple(jax.lax.stop_gradient(h) for h in outs)
 
 
 def dinosr_targets(hidden: tuple[jax.Array, ...], frame_mask: jax.Array, k: int) -> jax.Array:
-  """Top-k block outputs, instance-normalised over valid frames: `[K, B, T, D]` float32."""
+  """Top-k layer outputs, instance-normalised over valid frames: `[K, B, T, D]` float32."""
   top = jnp.stack(hidden[-k:], axis=0)  # [K, B, T, D]
   return distillation.instance_norm_over_time(top, frame_mask)
 
@@ -147,6 +155,11 @@ class DinosrPretraining(Method):
       raise ValueError(f'config.method.codebook_init={self.codebook_init!r}: one of '
                        f'{tuple(CODEBOOK_INITS)}')
     self.restart_patience = int(m.get('codebook_restart_patience', 0))
+    # Older workdirs (config.json without the key) were trained on block outputs.
+    self.target_output = str(m.get('target_output', 'block'))
+    if self.target_output not in TARGET_OUTPUTS:
+      raise ValueError(f'config.method.target_output={self.target_output!r}: one of '
+                       f'{TARGET_OUTPUTS}')
     self.num_samples = int(config.data.num_samples)
     self.num_frames = self.enc_cfg.num_frames(self.num_samples)
     if self.num_frames < 1:
@@ -203,7 +216,8 @@ class DinosrPretraining(Method):
     _, last = enc.encoder(x_s, frame_mask, deterministic=not dropout,
                           rng=enc_rng if dropout else None)  # [B, T, D]
 
-    hidden_t = run_teacher(model, extra_state['teacher'], x, frame_mask, self.num_layers)
+    hidden_t = run_teacher(model, extra_state['teacher'], x, frame_mask, self.num_layers,
+                           self.target_output)
     targets = dinosr_targets(hidden_t, frame_mask, self.k)  # [K, B, T, D]
     select = masked & frame_mask  # [B, T]
     codes, codebooks = assign_and_update(extra_state['codebooks'], targets, select,

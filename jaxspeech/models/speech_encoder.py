@@ -214,8 +214,11 @@ class TransformerEncoder(nnx.Module):
       ]
     )
 
-  def __call__(self, x, frame_mask, *, deterministic=True, rng=None, num_layers=None):
-    """Runs the first `num_layers` blocks (all by default). Returns (hidden_states, last)."""
+  def __call__(self, x, frame_mask, *, deterministic=True, rng=None, num_layers=None,
+               return_ffn=False):
+    """Runs the first `num_layers` blocks (all by default). Returns (hidden_states, last), and
+    with `return_ffn` a third item: each block's feed-forward output before its residual add
+    (`TransformerBlock`), `num_layers x [B, T, D]`."""
     cfg = self.cfg
     n = cfg.num_hidden_layers if num_layers is None else num_layers
     rngs = [None] * (n + 1) if rng is None else list(jax.random.split(rng, n + 1))
@@ -227,12 +230,16 @@ class TransformerEncoder(nnx.Module):
     position_bias = None
     if cfg.model_type == "wavlm":
       position_bias = self.layers[0].attention.compute_position_bias(x.shape[1])  # [N, T, T]
-    hidden = [x]
+    hidden, ffn = [x], []
     for i in range(n):
-      x = self.layers[i](x, frame_mask, position_bias, deterministic=deterministic, rng=rngs[i + 1])
+      x = self.layers[i](x, frame_mask, position_bias, deterministic=deterministic, rng=rngs[i + 1],
+                         return_ffn=return_ffn)
+      if return_ffn:
+        x, f = x
+        ffn.append(f)
       hidden.append(x)
     last = self.layer_norm(x) if cfg.do_stable_layer_norm and n == cfg.num_hidden_layers else x
-    return tuple(hidden), last
+    return (tuple(hidden), last, tuple(ffn)) if return_ffn else (tuple(hidden), last)
 
 
 class SpeechEncoder(nnx.Module):

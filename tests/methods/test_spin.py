@@ -270,6 +270,7 @@ def test_demo_spin_lowers_speaker_information_and_keeps_abx(demo_results):
   assert r['eval_speakers'] == ['en1_high', 'us2_high']  # held out from both trainings
   assert r['wall_seconds'] <= 20 * 60
   assert spin_['speaker_acc_frame'] < init['speaker_acc_frame']
+  assert spin_['units_speaker_nmi'] < init['kmeans_speaker_nmi']
   assert spin_['abx_across'] <= init['abx_across']
 
 

@@ -134,3 +134,32 @@ def test_cpu_grouped_conv_gradient_equals_autodiff():
   got = jax.jit(jax.grad(loss(grouped_conv_cpu), argnums=(0, 1)))(x, w)
   for g, e in zip(got, want):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_ffn_outputs_rebuild_each_block(pre_norm):
+  """`return_ffn`: the same hidden states, plus each block's feed-forward output before the
+  residual add, checked by rebuilding every block from its sub-modules."""
+  kw = dict(do_stable_layer_norm=True, feat_extract_norm="layer") if pre_norm else {}
+  model = _model(**kw)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 30, model.config.hidden_size)), jnp.float32)  # [B, T, D]
+  mask = jnp.arange(30)[None] < jnp.array([[30], [21]])  # [B, T]
+  enc = model.encoder
+  hidden, last = enc(x, mask)
+  hidden2, last2, ffn = enc(x, mask, return_ffn=True)
+  assert len(ffn) == len(hidden) - 1 == model.config.num_hidden_layers
+  for a, b in zip(hidden + (last,), hidden2 + (last2,)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for i, block in enumerate(enc.layers):
+    h = hidden[i]
+    if pre_norm:
+      mid = h + block.attention(block.layer_norm(h), mask)
+      f = block.feed_forward(block.final_layer_norm(mid))
+      out = mid + f
+    else:
+      mid = block.layer_norm(h + block.attention(h, mask))
+      f = block.feed_forward(mid)
+      out = block.final_layer_norm(mid + f)
+    np.testing.assert_allclose(np.asarray(ffn[i]), np.asarray(f), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(hidden[i + 1]), np.asarray(out), atol=1e-5)
