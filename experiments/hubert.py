@@ -107,8 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.num_clusters = 50 if tiny else 100
   c.method.kmeans_iters = 30 if tiny else 100
   c.method.kmeans_batches = 24 if tiny else 100  # batches of the corpus the k-means is fitted on
-  # k-means on raw MFCCs as fairseq's learn_kmeans.py; True = z-score each dimension first.
-  c.method.standardize_mfcc = False
+  # z-score each MFCC dimension before the k-means (False = raw MFCCs, fairseq's learn_kmeans.py).
+  # Tiny, held-out speakers, K=64 on the last layer: z-scored targets gave PNMI 0.475, ABX
+  # within / across 2.4% / 10.8%; raw targets 0.464, 3.5% / 17.1% (Nov 29).
+  c.method.standardize_mfcc = True
   c.method.kmeans_max_frames = 20_000 if tiny else 1_000_000
   c.method.mask_prob = 0.8
   c.method.mask_length = 10

@@ -3,11 +3,11 @@
 Targets: k-means clusters of MFCC features (13 Kaldi MFCCs + deltas + delta-deltas = 39-d, 25 ms
 windows every 10 ms = 100 Hz), down-sampled x2 to the encoder's 50 Hz frames by taking every
 other frame (MFCC frame 2t covers samples [320t, 320t + 400), exactly the receptive field of
-encoder frame t). The k-means model (centroids plus a feature mean/std: zero/one by default, the
-raw MFCCs of fairseq's `learn_kmeans.py`; the per-dimension mean/std with
-`config.method.standardize_mfcc`, which on the built-in corpus gave less phonetic clusters,
-held-out PNMI 0.476 vs 0.531 at K=64) is fitted once on a sample of the corpus before training (`prepare`) and kept in the checkpointed
-extra state; targets are assigned on the fly inside the jitted step.
+encoder frame t). The k-means model (centroids plus a feature mean/std: the per-dimension
+mean/std with `config.method.standardize_mfcc`, the experiments' choice, or zero/one = the raw
+MFCCs of fairseq's `learn_kmeans.py`) is fitted once on a sample of the corpus before training
+(`prepare`) and kept in the checkpointed extra state; targets are assigned on the fly inside
+the jitted step.
 
 Loss: span masks (p=0.8, span 10; `jaxspeech.ops.masking`), masked frames replaced by the
 encoder's learned `masked_spec_embed` after the feature projection, cross-entropy over masked
@@ -258,7 +258,7 @@ class HubertPretraining(Method):
     if len(x) < self.num_clusters:
       raise ValueError(f'hubert.prepare: {len(x)} frames < {self.num_clusters} clusters; '
                        'raise config.method.kmeans_batches')
-    if bool(m.get('standardize_mfcc', False)):
+    if bool(m.get('standardize_mfcc', True)):  # older configs: always standardised
       mean, std = x.mean(0), x.std(0) + 1e-5
     else:  # raw MFCCs (HuBERT's recipe); targets() still applies the identity mean / std
       mean, std = np.zeros(x.shape[1]), np.ones(x.shape[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxspeech.methods import hubert
 from tests.train.common import small_config
@@ -84,3 +85,31 @@ def test_loss_metrics_and_masking():
                              float(metrics['loss_unmasked']), rtol=1e-6)  # tiny: weight 0.5
   gn = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
   assert np.isfinite(gn) and gn > 0
+
+
+@pytest.mark.parametrize('standardize', [True, False])
+def test_prepare_kmeans_raw_or_standardised(standardize):
+  """`prepare` fits the MFCC k-means on z-scored features (mean/std stored) or on the raw ones
+  (identity mean/std), and targets() assigns frames to the nearest centroid in that space."""
+  config = small_config()
+  config.method.standardize_mfcc = standardize
+  config.method.kmeans_batches = 3
+  method = hubert.HubertPretraining(config)
+  batches = [{'audio': _wav(4, 8000, seed=i), 'audio_mask': np.ones((4, 8000), bool)}
+             for i in range(3)]
+  _, extra = method.init(jax.random.key(0))
+  km = method.prepare(extra, iter(batches))['kmeans']
+  feats = np.concatenate([np.asarray(hubert.mfcc_targets_features(jnp.asarray(b['audio']),
+                                                                  method.num_frames))
+                          for b in batches]).reshape(-1, 39)
+  if standardize:
+    np.testing.assert_allclose(np.asarray(km['mean']), feats.mean(0), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.asarray(km['std']), 1.0)
+  else:
+    np.testing.assert_array_equal(np.asarray(km['mean']), 0.0)
+    np.testing.assert_array_equal(np.asarray(km['std']), 1.0)
+  z = (feats[:16] - np.asarray(km['mean'])) / np.asarray(km['std'])
+  c = np.asarray(km['centroids'])
+  want = np.argmin(((z[:, None] - c[None]) ** 2).sum(-1), -1)
+  got = np.asarray(method.targets(km, jnp.asarray(batches[0]['audio'])))[0, :16]
+  np.testing.assert_array_equal(got, want)
