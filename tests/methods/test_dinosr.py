@@ -195,18 +195,39 @@ def test_paper_config_values():
     dinosr.DinosrPretraining(c)
 
 
-def test_short_training_run_learns(tmp_path):
-  """~150 steps of the tiny config on 20 synthetic utterances: the loss falls from ~log V and the
-  masked accuracy ends well above chance (1/V) and above the majority-class baseline (always the
-  most frequent codeword; at 150 steps the margin over it is still small, ~0.03).
-
-  Reference codebook mechanics (no dead-codeword restart): with `tiny`'s restart the codebooks
-  stay healthy (~80% used) and the targets are ~40-way, and 150 (or 250) steps on these 20
-  utterances do not get the accuracy above the majority baseline (0.05-0.066 vs 0.08)."""
-  from data_pipelines import synth
+def _train(c, steps: int) -> tuple[float, dict]:
+  """Runs `steps` jitted steps of config `c` on one device: (mean loss of the first 5 steps,
+  means of the metrics over the last 20)."""
   from jaxspeech.train import data as data_lib
   from jaxspeech.train import partitioning
   from jaxspeech.train import step as step_lib
+
+  method = dinosr.DinosrPretraining(c)
+  mesh = partitioning.create_mesh(c.mesh, devices=jax.devices()[:1])
+  setup = step_lib.build_setup(c, method, mesh)
+  state = step_lib.create_train_state(setup, jax.random.key(0))
+  it = data_lib.make_iterator(c, mesh)
+  first = data_lib.to_global(next(it), mesh)
+  step = step_lib.jit_train_step(setup, first)
+  hist = []
+  for i in range(steps):
+    b = first if i == 0 else data_lib.to_global(next(it), mesh)
+    state, m = step(state, {k: b[k] for k in first})
+    hist.append({k: float(v) for k, v in m.items()})
+  start = np.mean([h['loss'] for h in hist[:5]])
+  return start, {k: np.mean([h[k] for h in hist[-20:]]) for k in hist[-1]}
+
+
+def test_short_training_run_learns(tmp_path):
+  """~150 steps on 20 synthetic utterances, block-output targets and the reference codebook
+  mechanics (no dead-codeword restart): the loss falls from ~log V and the masked accuracy ends
+  well above chance (1/V) and above the majority-class baseline (always the most frequent
+  codeword; at 150 steps the margin over it is still small, ~0.03).
+
+  The configs' FFN-output targets need more data and steps to show it (measured with restart on
+  these 20 utterances at 150 steps: accuracy 0.054 vs majority 0.087; with the reference
+  mechanics the codebooks collapse to ~9 of 64 codewords): `test_tiny_config_learns` (slow)."""
+  from data_pipelines import synth
 
   try:
     synth.check_tools(synth.SPEAKERS[s].voice for s in ('us1', 'us3'))
@@ -220,21 +241,28 @@ def test_short_training_run_learns(tmp_path):
   c.optim.warmup_steps = 20
   c.method.ema_anneal_end_step = 150
   c.method.codebook_restart_patience = 0
-  method = dinosr.DinosrPretraining(c)
-  mesh = partitioning.create_mesh(c.mesh, devices=jax.devices()[:1])
-  setup = step_lib.build_setup(c, method, mesh)
-  state = step_lib.create_train_state(setup, jax.random.key(0))
-  it = data_lib.make_iterator(c, mesh)
-  first = data_lib.to_global(next(it), mesh)
-  step = step_lib.jit_train_step(setup, first)
-  hist = []
-  for i in range(150):
-    b = first if i == 0 else data_lib.to_global(next(it), mesh)
-    state, m = step(state, {k: b[k] for k in first})
-    hist.append({k: float(v) for k, v in m.items()})
-  start = np.mean([h['loss'] for h in hist[:5]])
-  end = {k: np.mean([h[k] for h in hist[-20:]]) for k in hist[-1]}
+  c.method.target_output = 'block'
+  start, end = _train(c, 150)
   assert abs(start - np.log(64)) < 0.3
   assert end['loss'] < start - 1.0, (start, end['loss'])
   assert end['acc_masked'] > 5 / 64
   assert end['acc_masked'] > end['majority_baseline'] + 0.01, end
+
+
+@pytest.mark.slow
+def test_tiny_config_learns():
+  """The `tiny` config as it is (FFN targets, dead-codeword restart, 2000 steps on the built-in
+  corpus, ~8 min): masked accuracy far above the majority baseline (the same run by
+  `jaxspeech.main` logged 0.219 vs 0.053 over steps 1976-2000), codebooks stay used. With the
+  earlier 400-step schedule the margin was only 0.089 vs 0.069."""
+  from data_pipelines import synth
+
+  try:
+    synth.check_tools(synth.SPEAKERS[s].voice for s in synth.SPEAKERS)
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  c = exp.get_config('tiny')
+  start, end = _train(c, int(c.train.num_steps))
+  assert abs(start - np.log(64)) < 0.3
+  assert end['acc_masked'] > end['majority_baseline'] + 0.05, end
+  assert end['codebook_used_min'] > 0.5, end
