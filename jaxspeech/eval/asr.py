@@ -123,7 +123,7 @@ def evaluate_ctc(checkpoint: str, manifest: str, split: str = '',
   """PER (phone model) or WER + CER (character model) of greedy CTC decoding of a training
   workdir on the rows of `manifest` (only those of `split` when given)."""
   from data_pipelines.manifest import read_manifest
-  from jaxspeech.audio import load_audio
+  from jaxspeech.audio import load_audio, normalize_waveform
   from jaxspeech.methods.ctc import reference_tokens
 
   if not os.path.exists(manifest):
@@ -138,7 +138,8 @@ def evaluate_ctc(checkpoint: str, manifest: str, split: str = '',
     field = 'phones' if unit == 'phone' else 'text'
     raise ValueError(f'--manifest {manifest}: no row with a {field} reference'
                      + (f' in split {split!r}' if split else ''))
-  wavs = [load_audio(r['path']) for r in rows]
+  # Per-utterance zero mean / unit variance, as the training pipeline feeds the model.
+  wavs = [normalize_waveform(load_audio(r['path'])) for r in rows]
   hyps = transcribe(method, model, wavs, batch_size)
   refs = [reference_tokens(r, unit) for r in rows]
   if unit == 'phone':
