@@ -144,6 +144,41 @@ def test_loss_fn_metrics_and_codebook_state():
   assert changed.any() and not changed.all()
 
 
+@pytest.mark.parametrize('target_output', ['ffn', 'block'])
+def test_evaluate_codebook_units_are_the_training_targets(target_output):
+  """`jaxspeech.evaluate`'s `--codebook` units of a layer equal the targets the loss assigns to
+  that layer (teacher on unmasked input, FFN or block outputs, instance norm, nearest codeword),
+  with a teacher that differs from the student."""
+  from jaxspeech import evaluate
+
+  method = dinosr.DinosrPretraining(small_config(target_output=target_output))
+  model, extra = method.init(jax.random.key(0))
+  teacher = jax.tree.map(lambda w: w + 0.05 * jnp.sin(jnp.arange(w.size).reshape(w.shape) + 1.0),
+                         extra['teacher'])  # a teacher != the student
+  b = batch()
+  x, _, frame_mask = model.encoder.embed(b['audio'], b['audio_mask'])
+  outs = dinosr.run_teacher(model, teacher, x, frame_mask, method.num_layers, target_output)
+  targets = dinosr.dinosr_targets(outs, frame_mask, method.k)  # [K, B, T, D]
+  codes, _ = dinosr.assign_and_update(extra['codebooks'], targets, frame_mask, 0.9)  # [K, B, T]
+  # The evaluation side: the teacher's weights in the encoder, as load_workdir does.
+  params = nnx.state(model.encoder.encoder, nnx.Param)
+  nnx.replace_by_pure_dict(params, teacher)
+  nnx.update(model.encoder.encoder, params)
+  feats = evaluate.EncoderFeatures(model.encoder, extra['codebooks'], method.k, normalize=False,
+                                   target_output=target_output)
+  for i, layer in enumerate(range(method.num_layers - method.k + 1, method.num_layers + 1)):
+    ids, fmask = feats.codebook_units(b['audio'], b['audio_mask'], layer)
+    np.testing.assert_array_equal(np.asarray(fmask), np.asarray(frame_mask))
+    valid = np.asarray(frame_mask)
+    np.testing.assert_array_equal(np.asarray(ids)[valid], np.asarray(codes[i])[valid])
+  # The two target kinds give different units (the test can tell them apart).
+  other = 'block' if target_output == 'ffn' else 'ffn'
+  feats_other = evaluate.EncoderFeatures(model.encoder, extra['codebooks'], method.k,
+                                         normalize=False, target_output=other)
+  ids_o, _ = feats_other.codebook_units(b['audio'], b['audio_mask'], method.num_layers)
+  assert (np.asarray(ids_o)[valid] != np.asarray(codes[-1])[valid]).any()
+
+
 def test_dead_codeword_restart_in_loss_fn():
   """With `codebook_restart_patience`, codewords idle for that many steps are reset to selected
   target frames; everything else is exactly the reference update (patience 0, no idle state)."""
