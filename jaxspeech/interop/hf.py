@@ -327,11 +327,23 @@ def to_hf_state_dict(model: SpeechEncoder) -> dict[str, np.ndarray]:
   return {k: np.ascontiguousarray(v) for k, v in out.items()}
 
 
-def save_hf_checkpoint(model: SpeechEncoder, path: str | os.PathLike) -> None:
-  """Writes `config.json` + `model.safetensors` that transformers' *Model classes load."""
+def save_hf_checkpoint(model: SpeechEncoder, path: str | os.PathLike,
+                       do_normalize: bool = True) -> None:
+  """Writes `config.json` + `model.safetensors` that transformers' *Model classes load, and the
+  `preprocessor_config.json` of its `Wav2Vec2FeatureExtractor`: `do_normalize` (per-utterance
+  zero mean / unit variance; True = what jaxspeech's training pipeline feeds every model) and,
+  as in HF's own configs, an attention mask only for layer-norm extractors (HF's group-norm
+  extractors see the padding)."""
   from safetensors.numpy import save_file
 
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(config_to_hf(model.config), f, indent=2)
+  with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+    json.dump({
+      "feature_extractor_type": "Wav2Vec2FeatureExtractor", "feature_size": 1,
+      "sampling_rate": 16000, "padding_value": 0.0, "padding_side": "right",
+      "do_normalize": bool(do_normalize),
+      "return_attention_mask": model.config.feat_extract_norm == "layer",
+    }, f, indent=2)
   save_file(to_hf_state_dict(model), os.path.join(path, "model.safetensors"))

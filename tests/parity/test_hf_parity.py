@@ -108,3 +108,11 @@ def test_export_round_trip_loads_in_transformers(tmp_path, wavs):
   b = hf_hidden_states(back, wavs[1][None])
   for x, y in zip(a, b):
     assert np.max(np.abs(x - y)) <= 1e-5
+  # The feature extractor config loads in transformers and says what jaxspeech trains on.
+  fe = transformers.AutoFeatureExtractor.from_pretrained(tmp_path / "out")
+  assert type(fe).__name__ == "Wav2Vec2FeatureExtractor" and fe.do_normalize
+  assert fe.return_attention_mask  # a layer-norm extractor (wavlm-stable-ln)
+  assert hf.feature_extractor_normalizes(tmp_path / "out")
+  hf.save_hf_checkpoint(model, tmp_path / "raw", do_normalize=False)
+  assert not transformers.AutoFeatureExtractor.from_pretrained(tmp_path / "raw").do_normalize
+  assert not hf.feature_extractor_normalizes(tmp_path / "raw")
