@@ -8,11 +8,14 @@ r"""Unit-quality evaluation of a checkpoint's features on a manifest; prints one
 
 Tasks and output:
   units          k-means (`jaxspeech.ops.kmeans`, K clusters, 50 Lloyd iterations from k-means++,
-                 fitted on the evaluated frames' raw features as HuBERT's recipe; `--standardize`
-                 z-scores them first) of layer L, or with `--codebook` the model's own DinoSR
-                 codebook of layer L, scored against 50 Hz frame phone labels: {"pnmi",
-                 "phone_purity", "cluster_purity"}, plus "speaker_nmi" (the share of the speaker
-                 entropy the units explain; lower = more speaker-invariant) given >= 2 speakers.
+                 on raw features as HuBERT's recipe; `--standardize` z-scores them first) of
+                 layer L, fitted on the evaluated frames or, with `--fit_split S`, on the frames
+                 of the manifest's split S (fairseq fits k-means on training data and labels
+                 held-out sets with it: `--split test --fit_split train`), or with
+                 `--codebook` the model's own DinoSR codebook of layer L, scored against 50 Hz
+                 frame phone labels: {"pnmi", "phone_purity", "cluster_purity"}, plus
+                 "speaker_nmi" (the share of the speaker entropy the units explain; lower = more
+                 speaker-invariant) given >= 2 speakers.
   abx            ZeroSpeech-style ABX error (%) on phone segments in context (triphones), DTW on
                  cosine distance: {"abx_within", "abx_across"}.
   speaker_probe  linear speaker classifier on utterance-mean features, accuracy on held-out
@@ -326,12 +329,16 @@ def frame_phone_labels(rows: Sequence[dict], num_frames: Sequence[int]) -> list[
 
 
 def task_units(extractor, wavs, rows, layer, k, use_codebook, seed=0, kmeans_iters=50,
-               standardize=False, return_units=False):
+               standardize=False, return_units=False, fit_wavs=None):
   """Units (k-means of layer `layer`, or the model's codebook) scored against the frame phones:
   {"pnmi", "phone_purity", "cluster_purity"}, plus "speaker_nmi" (I(speaker; unit) / H(speaker),
   `jaxspeech.eval.units.speaker_nmi`) when the rows hold >= 2 speakers. k-means runs on the raw
   features, as HuBERT's recipe (fairseq `learn_kmeans.py`); `standardize` z-scores every
-  dimension first. With `return_units`, also the per-utterance unit arrays."""
+  dimension first (statistics of the fitted frames). k-means is fitted on the frames of
+  `fit_wavs` when given (e.g. the training speakers, as fairseq fits `learn_kmeans.py` on training
+  data and labels other sets with that model), else on the evaluated frames themselves; the
+  evaluated frames are then assigned to the nearest centroid. With `return_units`, also the
+  per-utterance unit arrays."""
   from jaxspeech.eval.units import speaker_nmi, unit_quality
   from jaxspeech.ops import kmeans
 
@@ -339,16 +346,20 @@ def task_units(extractor, wavs, rows, layer, k, use_codebook, seed=0, kmeans_ite
     units = utterance_outputs(extractor, wavs,
                               lambda w, m: extractor.codebook_units(w, m, layer))
   else:
-    feats = utterance_outputs(extractor, wavs, lambda w, m: extractor.features(w, m, layer))
+    def layer_features(ws):
+      return utterance_outputs(extractor, ws, lambda w, m: extractor.features(w, m, layer))
+
+    feats = layer_features(wavs)
     x = np.concatenate(feats).astype(np.float32)
-    if len(x) < k:
-      raise EvalError(f'--k {k}: only {len(x)} frames to cluster')
+    x_fit = x if fit_wavs is None else np.concatenate(layer_features(fit_wavs)).astype(np.float32)
+    if len(x_fit) < k:
+      raise EvalError(f'--k {k}: only {len(x_fit)} frames to cluster')
     if standardize:
-      x = (x - x.mean(0)) / (x.std(0) + 1e-5)
-    z = jnp.asarray(x)
+      mean, std = x_fit.mean(0), x_fit.std(0) + 1e-5
+      x, x_fit = (x - mean) / std, (x_fit - mean) / std
     fit = jax.jit(kmeans.kmeans_fit, static_argnums=(2, 3))
-    centroids, _ = fit(z, None, k, kmeans_iters, jax.random.key(seed))
-    ids = np.asarray(kmeans.kmeans_assign(z, centroids)[0])
+    centroids, _ = fit(jnp.asarray(x_fit), None, k, kmeans_iters, jax.random.key(seed))
+    ids = np.asarray(kmeans.kmeans_assign(jnp.asarray(x), centroids)[0])
     units = np.split(ids, np.cumsum([len(f) for f in feats])[:-1])
   labels = frame_phone_labels(rows, [len(u) for u in units])
   y, u = np.concatenate(labels), np.concatenate(units)
@@ -397,11 +408,13 @@ def task_speaker_probe(extractor, wavs, rows, layer, seed=0):
 
 def evaluate(checkpoint: str, manifest: str, task: str, layer: str = 'last', k: int = 50,
              codebook: bool = False, split: str = '', seed: int = 0,
-             standardize: bool = False) -> dict[str, float]:
+             standardize: bool = False, fit_split: str = '') -> dict[str, float]:
   if task not in TASKS:
     raise EvalError(f'--task {task!r}: choose one of {TASKS}')
   if codebook and task != 'units':
     raise EvalError('--codebook only applies to --task units')
+  if fit_split and (task != 'units' or codebook):
+    raise EvalError('--fit_split only applies to --task units with k-means (not --codebook)')
   if task == 'ctc':
     from jaxspeech.eval.asr import evaluate_ctc
     return evaluate_ctc(checkpoint, manifest, split)
@@ -413,7 +426,14 @@ def evaluate(checkpoint: str, manifest: str, task: str, layer: str = 'last', k: 
   except AudioError as e:
     raise EvalError(str(e)) from None
   if task == 'units':
-    return task_units(extractor, wavs, rows, li, k, codebook, seed, standardize=standardize)
+    fit_wavs = None
+    if fit_split:
+      try:
+        fit_wavs = [load_audio(r['path']) for r in load_rows(manifest, fit_split, False)]
+      except AudioError as e:
+        raise EvalError(str(e)) from None
+    return task_units(extractor, wavs, rows, li, k, codebook, seed, standardize=standardize,
+                      fit_wavs=fit_wavs)
   if task == 'abx':
     return task_abx(extractor, wavs, rows, li, seed=seed)
   return task_speaker_probe(extractor, wavs, rows, li, seed)
@@ -432,10 +452,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--seed', type=int, default=0)
   p.add_argument('--standardize', action='store_true',
                  help='units: z-score each feature dimension before k-means (default: raw)')
+  p.add_argument('--fit_split', default='',
+                 help="units: fit k-means on the manifest rows of this split (e.g. train) and "
+                 "assign the evaluated rows ('' = fit on the evaluated rows)")
   args = p.parse_args(argv)
   try:
     result = evaluate(args.checkpoint, args.manifest, args.task, args.layer, args.k,
-                      args.codebook, args.split, args.seed, args.standardize)
+                      args.codebook, args.split, args.seed, args.standardize, args.fit_split)
   except (EvalError, FileNotFoundError, ValueError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

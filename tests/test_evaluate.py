@@ -244,3 +244,46 @@ def test_subprocess_entry_point(corpus):
   assert p.returncode == 1 and 'error:' in p.stderr
 
 
+
+
+@pytest.fixture(scope='module')
+def split_corpus(tmp_path_factory):
+  """16 utterances: 2 training voices and the 2 held-out (split "test") voice variants."""
+  from data_pipelines import synth
+
+  voices = ['us1', 'en1', *synth.HELD_OUT]
+  try:
+    synth.check_tools(synth.SPEAKERS[v].voice for v in voices)
+  except RuntimeError as e:
+    pytest.skip(str(e))
+  return synth.synthesize_corpus(tmp_path_factory.mktemp('synth') / 's', 16, seed=4,
+                                 voices=voices)
+
+
+def test_units_fit_split(split_corpus, capsys):
+  """`--fit_split train`: k-means fitted on the training speakers' frames labels the held-out
+  ones (fairseq's protocol); fitting on the evaluated rows themselves is the default."""
+  from jaxspeech.audio import load_audio
+
+  rows = evaluate.load_rows(split_corpus, 'test', need_alignment=True)
+  wavs = [load_audio(r['path']) for r in rows]
+  x = evaluate.load_checkpoint('mfcc')
+  transductive = evaluate.task_units(x, wavs, rows, 0, 12, False)
+  # Fitting on exactly the evaluated utterances is the default path, number for number.
+  assert evaluate.task_units(x, wavs, rows, 0, 12, False, fit_wavs=wavs) == transductive
+  train_wavs = [load_audio(r['path']) for r in evaluate.load_rows(split_corpus, 'train', False)]
+  inductive, units = evaluate.task_units(x, wavs, rows, 0, 12, False, fit_wavs=train_wavs,
+                                         return_units=True)
+  check_units(inductive)
+  assert inductive['pnmi'] != transductive['pnmi']
+  assert [len(u) for u in units] == [x.frames_of(len(w)) for w in wavs]
+
+  rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task',
+                       'units', '--k', '12', '--split', 'test', '--fit_split', 'train')
+  assert rc == 0 and json.loads(out.strip()) == pytest.approx(inductive)
+  rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task',
+                       'units', '--split', 'test', '--fit_split', 'nosuchsplit')
+  assert rc == 1 and "split='nosuchsplit'" in err
+  rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task', 'abx',
+                       '--fit_split', 'train')
+  assert rc == 1 and '--fit_split' in err
