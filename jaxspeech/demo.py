@@ -18,8 +18,10 @@ Stages (each reused when a previous run finished it; progress is logged througho
                   held-out utterances of the same speakers) and on single frames (a finer probe:
                   the held-out split has only two speakers, so utterance means are easy);
                 - units at the same K: Spin's own units argmax(z Cᵀ) vs k-means (K clusters) of the
-                  initial model's features; PNMI, phone purity, cluster purity against the 50 Hz
-                  frame phone labels (also k-means on the Spin model's features, for reference),
+                  initial model's features, fitted on the training speakers' utterances and
+                  assigning the held-out frames (fairseq's protocol; also fitted on the held-out
+                  frames themselves, for reference); PNMI, phone purity, cluster purity against
+                  the 50 Hz frame phone labels (also k-means on the Spin model's features),
                   and the speaker information in the units, I(unit; speaker) / H(speaker);
                 - ABX error within / across speakers (DTW on cosine distance, triphone items).
                 The table is printed and written to WORKDIR/results.json.
@@ -46,6 +48,7 @@ _FRAMES_PER_UTT = flags.DEFINE_integer('probe_frames', 20, 'Frames per utterance
 _SPIN_LR = flags.DEFINE_float('spin_lr', 0.0, 'Spin peak learning rate (0 = the tiny config).')
 
 LAYER = 'last'
+FIT_SPLIT = 'train'  # k-means of the evaluation is fitted on this split's utterances
 
 
 class Stage:
@@ -120,8 +123,11 @@ def frame_speaker_probe(feats, speakers, frames_per_utt: int, seed: int = 0) -> 
   return speaker_probe(xtr, ytr, xte, yte, seed=seed)['accuracy']
 
 
-def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int) -> dict[str, float]:
-  """All metrics of one encoder. `units_fn` (wav, mask) -> (units, frame_mask), or None."""
+def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int,
+                   fit_wavs) -> dict[str, float]:
+  """All metrics of one encoder. `units_fn` (wav, mask) -> (units, frame_mask), or None.
+  k-means is fitted on `fit_wavs` (the training speakers' utterances, fairseq's protocol), and
+  for reference also on the evaluated utterances themselves (`kmeans_fit_heldout_pnmi`)."""
   from jaxspeech import evaluate as ev
   from jaxspeech.eval.units import speaker_nmi, unit_quality
 
@@ -134,8 +140,10 @@ def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int) -> dict[s
   res['speaker_acc_frame'] = frame_speaker_probe(feats, speakers, _FRAMES_PER_UTT.value)
   logging.info('  %s: speaker probes %.3f (utterance) %.3f (frame) [%.0f s]', name,
                res['speaker_acc_utterance'], res['speaker_acc_frame'], time.perf_counter() - t0)
-  km = ev.task_units(extractor, wavs, rows, layer, k, use_codebook=False)
+  km = ev.task_units(extractor, wavs, rows, layer, k, use_codebook=False, fit_wavs=fit_wavs)
   res.update({f'kmeans_{key}': v for key, v in km.items()})
+  res['kmeans_fit_heldout_pnmi'] = ev.task_units(extractor, wavs, rows, layer, k,
+                                                 use_codebook=False)['pnmi']
   if units_fn is not None:
     units = ev.utterance_outputs(extractor, wavs, units_fn)
     labels = ev.frame_phone_labels(rows, [len(u) for u in units])
@@ -171,6 +179,8 @@ ROWS = (
   ('speaker-ID probe acc., single frames (lower = more invariant)', 'speaker_acc_frame',
    'speaker_acc_frame'),
   ('PNMI: initial k-means vs Spin units (same K)', 'kmeans_pnmi', 'units_pnmi'),
+  ('  (k-means fitted on the held-out frames themselves)', 'kmeans_fit_heldout_pnmi',
+   'kmeans_fit_heldout_pnmi'),
   ('phone purity: initial k-means vs Spin units', 'kmeans_phone_purity', 'units_phone_purity'),
   ('cluster purity: initial k-means vs Spin units', 'kmeans_cluster_purity',
    'units_cluster_purity'),
@@ -238,16 +248,22 @@ def run(workdir: str) -> dict:
   with Stage(5, f'evaluate on held-out speakers (split {_EVAL_SPLIT.value!r})'):
     rows = ev.load_rows(manifest, _EVAL_SPLIT.value, need_alignment=True)
     wavs = [load_audio(r['path']) for r in rows]
+    # k-means is fitted on the training speakers and labels the held-out ones (fairseq's
+    # protocol: learn_kmeans.py on training data); Spin's codebook was learned on them too.
+    fit_wavs = [load_audio(r['path']) for r in ev.load_rows(manifest, FIT_SPLIT, False)]
     k = int(spin_cfg.method.codebook_size)
-    logging.info('%d utterances of %s', len(rows), sorted({r['speaker'] for r in rows}))
-    initial = evaluate_model('initial', ev.load_checkpoint(init_dir), None, wavs, rows, k)
+    logging.info('%d utterances of %s; k-means fitted on the %d utterances of split %r',
+                 len(rows), sorted({r['speaker'] for r in rows}), len(fit_wavs), FIT_SPLIT)
+    initial = evaluate_model('initial', ev.load_checkpoint(init_dir), None, wavs, rows, k,
+                             fit_wavs)
     extractor, units = spin_units_fn(spin_dir)
-    spin = evaluate_model('Spin', extractor, units, wavs, rows, k)
+    spin = evaluate_model('Spin', extractor, units, wavs, rows, k, fit_wavs)
 
   table = format_table(initial, spin, k)
   result = {
     'initial': initial, 'spin': spin, 'k': k, 'layer': LAYER,
-    'eval_split': _EVAL_SPLIT.value, 'eval_speakers': sorted({r['speaker'] for r in rows}),
+    'eval_split': _EVAL_SPLIT.value, 'kmeans_fit_split': FIT_SPLIT,
+    'eval_speakers': sorted({r['speaker'] for r in rows}),
     'pretrained': pre_dir, 'spin_steps': _SPIN_STEPS.value,
     'wall_seconds': time.perf_counter() - t_start, 'table': table,
   }
