@@ -20,18 +20,22 @@ SMALL_MODEL = {
 }
 
 
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-  """20 utterances, 4 speakers, with alignments."""
+def synth_corpus(tmp_path_factory, voices, n, seed):
+  """A synthetic corpus of `n` utterances by `voices` (skips without espeak-ng / MBROLA)."""
   from data_pipelines import synth
 
-  voices = ['us1', 'us2', 'us3', 'en1']
   try:
     synth.check_tools(synth.SPEAKERS[v].voice for v in voices)
   except RuntimeError as e:
     pytest.skip(str(e))
-  return synth.synthesize_corpus(tmp_path_factory.mktemp('synth') / 'c', 20, seed=3,
+  return synth.synthesize_corpus(tmp_path_factory.mktemp('synth') / 'c', n, seed=seed,
                                  voices=voices)
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+  """20 utterances, 4 speakers, with alignments."""
+  return synth_corpus(tmp_path_factory, ['us1', 'us2', 'us3', 'en1'], 20, seed=3)
 
 
 @pytest.fixture(scope='module')
@@ -251,13 +255,7 @@ def split_corpus(tmp_path_factory):
   """16 utterances: 2 training voices and the 2 held-out (split "test") voice variants."""
   from data_pipelines import synth
 
-  voices = ['us1', 'en1', *synth.HELD_OUT]
-  try:
-    synth.check_tools(synth.SPEAKERS[v].voice for v in voices)
-  except RuntimeError as e:
-    pytest.skip(str(e))
-  return synth.synthesize_corpus(tmp_path_factory.mktemp('synth') / 's', 16, seed=4,
-                                 voices=voices)
+  return synth_corpus(tmp_path_factory, ['us1', 'en1', *synth.HELD_OUT], 16, seed=4)
 
 
 def test_units_fit_split(split_corpus, capsys):
