@@ -11,7 +11,7 @@ Stages (each reused when a previous run finished it; progress is logged througho
                 or `--pretrained DIR` (a finished jaxspeech workdir of an encoder method).
   3. export     the pretrained encoder as an HF folder, WORKDIR/initial_encoder (Spin's
                 `config.init_from`; it loads the encoder only, whatever the pretraining head was).
-  4. spin       Spin fine-tuning (`experiments/spin.py:tiny`: top 2 of 4 layers, K=64) in
+  4. spin       Spin fine-tuning (`experiments/spin.py:tiny`: top 1 of 4 layers, K=64) in
                 WORKDIR/spin, on the training speakers only.
   5. evaluate   the initial and the Spin encoder on the held-out speakers' utterances, last layer:
                 - speaker-ID linear probe on utterance means (`jaxspeech.evaluate`'s protocol:
