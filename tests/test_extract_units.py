@@ -36,7 +36,7 @@ def spin_workdir(tmp_path_factory):
   c = exp.get_config('tiny')
   for k, v in SMALL_MODEL.items():
     c.model[k] = v
-  c.train.trainable = spin.trainable_regex(2, 2)
+  c.train.trainable = spin.trainable_regex(2, int(c.method.trainable_layers))
   c.method.codebook_size = 8
   c.method.head_dim = 8
   c.data.num_samples = 8000
