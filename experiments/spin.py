@@ -99,7 +99,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.keep_checkpoints = 2
   c.train.async_checkpointing = True
   c.train.seed = 0
-  # Top-2 blocks + head + codebook (spin.yaml freeze_layers: [pos, 0, 1, ..., 10]). Must equal
+  # Top-N blocks + head + codebook (paper: N=2, spin.yaml freeze_layers: [pos, 0, 1, ..., 10];
+  # tiny: N=1). Must equal
   # trainable_regex(num_hidden_layers, method.trainable_layers); the method checks it.
   c.train.trainable = trainable_regex(num_layers, TRAINABLE_LAYERS[variant])
   c.train.kill_after_step = 0
