@@ -289,6 +289,14 @@ def load_rows(manifest: str, split: str, need_alignment: bool) -> list[dict]:
   return rows
 
 
+def load_wavs(rows: Sequence[dict]) -> list[np.ndarray]:
+  """The rows' audio; a bad file (missing, empty, NaN, wrong rate) is an EvalError naming it."""
+  try:
+    return [load_audio(r['path']) for r in rows]
+  except AudioError as e:
+    raise EvalError(str(e)) from None
+
+
 def utterance_outputs(extractor: Features, wavs: Sequence[np.ndarray], fn, batch_size: int = 8):
   """Runs `fn(wav, mask) -> ([B, T, ...], frame_mask)` over length-sorted, bucket-padded batches;
   returns one `[T_i, ...]` numpy array per utterance (valid frames only). Each utterance is
@@ -421,17 +429,9 @@ def evaluate(checkpoint: str, manifest: str, task: str, layer: str = 'last', k: 
   rows = load_rows(manifest, split, need_alignment=task in ('units', 'abx'))
   extractor = load_checkpoint(checkpoint, codebook)
   li = parse_layer(layer, extractor.num_layers) if checkpoint != 'mfcc' else 0
-  try:
-    wavs = [load_audio(r['path']) for r in rows]
-  except AudioError as e:
-    raise EvalError(str(e)) from None
+  wavs = load_wavs(rows)
   if task == 'units':
-    fit_wavs = None
-    if fit_split:
-      try:
-        fit_wavs = [load_audio(r['path']) for r in load_rows(manifest, fit_split, False)]
-      except AudioError as e:
-        raise EvalError(str(e)) from None
+    fit_wavs = load_wavs(load_rows(manifest, fit_split, False)) if fit_split else None
     return task_units(extractor, wavs, rows, li, k, codebook, seed, standardize=standardize,
                       fit_wavs=fit_wavs)
   if task == 'abx':
