@@ -45,12 +45,22 @@ def _step_args(name: str, quick: bool, variant: str = '', num_samples: int = 0) 
         'extra_fields': None}
   if name == 'parp':
     # Time the step of the fine-tuning proper: the transformer trainable (not frozen for the
-    # first updates) and the batch's row indices for the CTC labels.
+    # first updates) and CTC labels (random ids, half the longest label sequence) in the batch.
     kw['overrides'] = {'method.freeze_encoder_steps': 0}
     # CTC needs utterances that fit whole (the built-in corpus's are 1.5-3.7 s).
     kw['num_samples'] = 64000
-    kw['extra_fields'] = lambda b, s: {'index': np.arange(b, dtype=np.int32)}
+    kw['extra_fields'] = _ctc_labels
   return kw
+
+
+def _ctc_labels(b: int, s: int, spec: dict) -> dict:
+  """Random CTC labels for the batch spec's `labels` [B, U] (ids 1..9) and lengths U // 2."""
+  del s
+  u = spec['labels'].shape[1]
+  rng = np.random.default_rng(0)
+  return {'labels': rng.integers(1, 10, (b, u)).astype(np.int32),
+          'label_length': np.full((b,), max(u // 2, 1), np.int32),
+          'index': np.arange(b, dtype=np.int32)}
 
 
 def method_ops(name: str, kept: dict) -> dict:

@@ -39,20 +39,28 @@ def apply_overrides(config, overrides: dict | None):
   return config
 
 
-def random_batch(config, mesh, extra_fields=None) -> dict:
-  """Random normalised audio `[B, S]` (all valid) placed in the batch sharding, plus the fields a
-  method needs beyond audio: `audio_perturbed` when the data pipeline would make it (Spin with
-  Praat), and `extra_fields(b, s) -> {name: host array}` (e.g. CTC's row `index`)."""
+def random_batch(config, mesh, extra_fields=None, method=None) -> dict:
+  """The method's declared batch (`Method.batch_spec`): random normalised audio `[B, S]` (all
+  valid), `audio_perturbed` when the data pipeline would make it (Spin with Praat), rows 0..B-1,
+  the fields `extra_fields(b, s, spec) -> {name: host array}` gives (e.g. CTC labels), zeros for
+  any other declared field. Placed in the batch sharding."""
+  from jaxspeech.methods.base import get_method
   from jaxspeech.train import partitioning
 
+  method = method or get_method(config)
   b, s = int(config.data.batch_size), int(config.data.num_samples)
+  spec = method.batch_spec(config, s)
   rng = np.random.default_rng(0)
   host = {'audio': rng.standard_normal((b, s)).astype(np.float32),
           'audio_mask': np.ones((b, s), bool)}
-  if str(config.data.get('perturb', '') or ''):
+  if 'audio_perturbed' in spec:
     host['audio_perturbed'] = rng.standard_normal((b, s)).astype(np.float32)
   if extra_fields is not None:
-    host.update(extra_fields(b, s))
+    host.update(extra_fields(b, s, spec))
+  for k, v in spec.items():
+    if k not in host:
+      host[k] = np.ones(v.shape, v.dtype) if k == 'valid' else np.zeros(v.shape, v.dtype)
+  host = {k: host[k] for k in spec}
   return {k: jax.device_put(v, partitioning.batch_sharding(mesh, v.ndim)) for k, v in host.items()}
 
 
@@ -67,7 +75,7 @@ def build(config, extra_fields=None) -> dict:
   method = get_method(config)
   mesh = partitioning.create_mesh(config.mesh)
   setup = step_lib.build_setup(config, method, mesh)
-  batch = random_batch(config, mesh, extra_fields)
+  batch = random_batch(config, mesh, extra_fields, method)
   step = step_lib.jit_train_step(setup, batch)
   t0 = time.perf_counter()
   compiled = step.lower(setup.abstract_state, batch).compile()

@@ -47,10 +47,12 @@ class ManifestError(ValueError):
 # Reading and writing.
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict]:
+def read_manifest(path: str | os.PathLike, required: Iterable[str] = REQUIRED) -> list[dict]:
   """Reads a JSONL manifest; relative `path`s become absolute (relative to the manifest's folder).
 
-  Raises ManifestError naming the manifest and line for malformed rows or missing fields.
+  `required`: fields every row must have (default: an audio row's; `()` for rows of another
+  modality: text, images, labels). Raises ManifestError naming the manifest and line for
+  malformed rows or missing fields.
   """
   path = os.fspath(path)
   base = os.path.dirname(os.path.abspath(path))
@@ -63,10 +65,13 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ManifestError(f"{path}:{lineno}: not JSON ({e})") from e
-      missing = [k for k in REQUIRED if k not in row]
+      if not isinstance(row, dict):
+        raise ManifestError(f"{path}:{lineno}: not a JSON object")
+      missing = [k for k in required if k not in row]
       if missing:
         raise ManifestError(f"{path}:{lineno}: missing field(s) {missing}")
-      row["path"] = os.path.normpath(os.path.join(base, row["path"]))
+      if "path" in row:
+        row["path"] = os.path.normpath(os.path.join(base, row["path"]))
       rows.append(row)
   return rows
 

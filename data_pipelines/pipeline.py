@@ -102,6 +102,24 @@ class ManifestSource:
     return np.ascontiguousarray(out[skip : skip + length], np.float32)
 
 
+class RowSource:
+  """Rows that are not audio (text, images, labels, pairs...): every row is one item; nothing is
+  decoded here -- the method's `row_fields` map turns a row into arrays."""
+
+  def __init__(self, rows: Sequence[dict]):
+    if not rows:
+      raise ValueError("no manifest rows")
+    self.rows = list(rows)
+    self.lengths = np.zeros(len(self.rows), np.int64)
+    self.speakers = [str(r.get("speaker", "")) for r in self.rows]
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def alignment(self, i: int):
+    return None
+
+
 class TfdsSource:
   """Utterances of a `tfds.data_source(...)` (or any random-access sequence of dict records).
 
@@ -214,15 +232,50 @@ class _LoadBatch:
   """Loads this host's rows of a global batch into padded numpy arrays."""
 
   def __init__(self, source, bucket_lengths, speaker_to_id, *, seed, host_slice, normalize,
-               perturb, label_frame_rate, phone_to_id):  # fmt: skip
+               perturb, label_frame_rate, phone_to_id, row_fields=None,
+               row_spec=None):  # fmt: skip
     self.source, self.bucket_lengths = source, tuple(sorted(bucket_lengths))
     self.speaker_to_id, self.seed, self.host_slice = speaker_to_id, seed, host_slice
     self.normalize, self.perturb = normalize, perturb
     self.label_frame_rate, self.phone_to_id = label_frame_rate, phone_to_id
+    self.row_fields, self.row_spec = row_fields, row_spec or {}
 
   def __call__(self, plan_entry) -> dict[str, np.ndarray]:
     g, bucket, rows = plan_entry
     rows = rows[self.host_slice]
+    if isinstance(self.source, RowSource):
+      out = {"index": np.asarray(rows, np.int32), "valid": np.asarray(rows) >= 0}
+      return {**out, **self._row_fields(rows)}
+    out = self._audio(g, bucket, rows)
+    return {**out, **self._row_fields(rows)}
+
+  def _row_fields(self, rows) -> dict[str, np.ndarray]:
+    """The method's per-row arrays, stacked `[B, ...]`; zeros for filler rows. Each row's arrays
+    are checked against `row_spec` (name -> (shape, dtype)): a mismatch names the row."""
+    if self.row_fields is None:
+      return {}
+    out = {k: np.zeros((len(rows), *shape), dtype) for k, (shape, dtype) in self.row_spec.items()}
+    for j, i in enumerate(rows):
+      if i < 0:
+        continue
+      row = self.source.rows[int(i)]
+      got = self.row_fields(row)
+      where = row.get("path") or row.get("id") or f"row {int(i)}"
+      if set(got) != set(out):
+        raise ValueError(f"{where}: host_fields gave {sorted(got)}, the batch spec declares "
+                         f"{sorted(out)}")
+      for k, v in got.items():
+        v = np.asarray(v)
+        if v.shape != out[k].shape[1:]:
+          raise ValueError(f"{where}: host field {k!r} has shape {v.shape}, declared "
+                           f"{out[k].shape[1:]}")
+        if not np.can_cast(v.dtype, out[k].dtype, casting="same_kind"):
+          raise ValueError(f"{where}: host field {k!r} has dtype {v.dtype}, declared "
+                           f"{out[k].dtype}")
+        out[k][j] = v
+    return out
+
+  def _audio(self, g, bucket, rows) -> dict[str, np.ndarray]:
     length = self.bucket_lengths[bucket]
     b = len(rows)
     audio = np.zeros((b, length), np.float32)  # [B, L]
@@ -319,6 +372,8 @@ def make_dataset(
   phone_to_id: dict[str, int] | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
+  row_fields=None,
+  row_spec: dict | None = None,
 ) -> grain.IterDataset:
   """A Grain dataset of host batches (see the module docstring for the fields).
 
@@ -340,6 +395,11 @@ def make_dataset(
     label_frame_rate: add `phone_ids` at this many frames per second (50 = 20 ms, 100 = 10 ms).
     phone_to_id: phone -> id for `phone_ids` (e.g. from the corpus's phones.txt).
     process_index, process_count: this host's slice (default: jax.process_index/count()).
+    row_fields: a picklable map `row -> {field: array}` run on every row of a batch (a method's
+      `host_fields`: labels, phone ids, images...); `row_spec` gives each field's
+      (shape, dtype) per row, checked on every row. Filler rows get zeros.
+  A `RowSource` (rows that are not audio) gives batches of `index`, `valid` and the row fields
+  only.
   """
   if perturb not in PERTURB_MODES:
     raise ValueError(f"perturb must be one of {PERTURB_MODES}, got {perturb!r}")
@@ -353,7 +413,10 @@ def make_dataset(
     process_index, process_count = jax.process_index(), jax.process_count()
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} is not divisible by {process_count} processes")
-  src = source if isinstance(source, ManifestSource | TfdsSource) else ManifestSource(source)
+  src = source if isinstance(source, ManifestSource | TfdsSource | RowSource) else (
+    ManifestSource(source))
+  if row_fields is not None and not hasattr(src, "rows"):
+    raise ValueError("row_fields needs manifest rows (a ManifestSource or RowSource)")
   speaker_to_id = speaker_to_id or speaker_index(src.speakers)
   unknown = sorted(set(src.speakers) - set(speaker_to_id))
   if unknown:
@@ -365,7 +428,7 @@ def make_dataset(
     src, bucket_lengths, speaker_to_id, seed=seed,
     host_slice=slice(process_index * local, (process_index + 1) * local),
     normalize=normalize, perturb=perturb, label_frame_rate=label_frame_rate,
-    phone_to_id=phone_to_id,
+    phone_to_id=phone_to_id, row_fields=row_fields, row_spec=row_spec,
   )  # fmt: skip
   ds = grain.MapDataset.range(plan.per_epoch).repeat(num_epochs)
   ds = ds.map_with_index(_global_index).map(plan).map(loader)
@@ -382,7 +445,8 @@ def make_dataset(
 def batches_per_epoch(source, *, batch_size, bucket_lengths, seed=0, shuffle=True,
                       drop_remainder=True) -> int:  # fmt: skip
   """Number of global batches in one epoch of `make_dataset` with these settings."""
-  src = source if isinstance(source, ManifestSource | TfdsSource) else ManifestSource(source)
+  src = source if isinstance(source, ManifestSource | TfdsSource | RowSource) else (
+    ManifestSource(source))
   buckets = bucket_of(src.lengths, bucket_lengths)
   return _BatchPlan(buckets, len(bucket_lengths), batch_size, seed, shuffle,
                     drop_remainder).per_epoch  # fmt: skip

@@ -76,7 +76,7 @@ def load_ctc_workdir(workdir: str):
   def make_method(config):
     if config.method.name not in ('ctc', 'parp'):
       raise ValueError(f'{workdir}: method {config.method.name!r} is not a CTC model')
-    return CtcFinetuning(config, with_labels=False)
+    return CtcFinetuning(config)
 
   method, model, _, _ = load_workdir_model(workdir, make_method)
   return method, model

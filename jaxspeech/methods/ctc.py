@@ -8,10 +8,12 @@ Targets are character or phone sequences of the manifest rows (`config.method.un
   phone  the row's `phones` (space-separated), silence '_' dropped; the inventory is every phone
          of the whole manifest (all splits), sorted. PER on these tokens.
 
-Labels reach the jitted step without a data-pipeline change: the method builds a padded label
-table `[N, U]` (one row per manifest row the trainer reads, `train.data.manifest_rows`) on the
-host, and the loss gathers it with the batch's `index` (row index; -1 = filler). Utterances
-longer than `config.data.num_samples` would be cropped by the pipeline and lose their
+Labels reach the jitted step through the Method contract's host fields: the vocabulary and the
+longest label sequence U are host state (`fit_host_state` on the training manifest, stored in
+WORKDIR/host_state.json, read back at evaluation), and `host_fields` maps every manifest row to
+`labels` int32 [U] (0-padded) and `label_length` int32 [] (-1 = no reference, or the row is
+longer than `config.data.num_samples`) in the Grain workers. Utterances longer than
+`config.data.num_samples` would be cropped by the pipeline and lose their
 transcript alignment, so they (and filler rows) are left out of the loss (counted in
 `metrics['used_fraction']`); so are those too short for their labels under CTC (fairseq's
 `zero_infinity`). Loss = mean over utterances of -log p(labels | audio) (fairseq `sentence_avg`).
@@ -44,6 +46,7 @@ from flax import nnx
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB
 from jaxspeech.methods.base import Method, encoder_config
+from jaxspeech.methods.prune_spec import PruneSpec
 from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
 from jaxspeech.ops import masking
 
@@ -121,21 +124,28 @@ def build_vocab(rows: Sequence[dict], unit: str) -> Vocab:
   raise ValueError(f'config.method.unit={unit!r}: choose one of {UNITS}')
 
 
+def row_labels(row: dict, unit: str, vocab: Vocab, max_samples: int,
+               max_length: int) -> tuple[np.ndarray, np.int32]:
+  """Label ids `[max_length]` (0 in padding) and the length of one manifest row; length -1 marks
+  rows left out of the loss (no reference, or longer than `max_samples` at 16 kHz so the
+  pipeline crops it)."""
+  ids = vocab.encode(reference_tokens(row, unit))
+  if len(ids) > max_length:
+    raise ValueError(f'{row.get("path", row)}: {len(ids)} {unit} labels, more than the '
+                     f'{max_length} of the training manifest (host_state.json max_label_length)')
+  n16k = -(-int(row['n_samples']) * 16000 // int(row.get('sample_rate', 16000)))
+  out = np.zeros((max_length,), np.int32)
+  out[:len(ids)] = ids
+  return out, np.int32(len(ids) if ids and n16k <= max_samples else -1)
+
+
 def label_table(rows: Sequence[dict], unit: str, vocab: Vocab,
                 max_samples: int) -> tuple[np.ndarray, np.ndarray]:
-  """Padded label ids `[N, U]` (0 in padding) and lengths `[N]`; length -1 marks rows left out
-  of the loss (no reference, or longer than `max_samples` at 16 kHz so the pipeline crops it)."""
-  seqs, lengths = [], []
-  for r in rows:
-    ids = vocab.encode(reference_tokens(r, unit))
-    n16k = -(-int(r['n_samples']) * 16000 // int(r.get('sample_rate', 16000)))
-    seqs.append(ids)
-    lengths.append(len(ids) if ids and n16k <= max_samples else -1)
-  u = max([len(s) for s in seqs] + [1])
-  table = np.zeros((len(rows), u), np.int32)
-  for i, s in enumerate(seqs):
-    table[i, :len(s)] = s
-  return table, np.asarray(lengths, np.int32)
+  """`row_labels` of every row: `[N, U]` and `[N]` with U the longest label sequence."""
+  u = max([len(reference_tokens(r, unit)) for r in rows] + [1])
+  pairs = [row_labels(r, unit, vocab, max_samples, u) for r in rows]
+  return (np.stack([p[0] for p in pairs]).reshape(len(rows), u),
+          np.asarray([p[1] for p in pairs], np.int32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,63 +202,76 @@ def greedy_decode(best: np.ndarray, frame_mask: np.ndarray) -> list[list[int]]:
 # The method.
 
 
-def _manifest_path(data_config) -> str:
-  path = str(data_config.manifest)
-  if path:
-    return path
-  from data_pipelines.synth import built_in_corpus
-  return built_in_corpus(str(data_config.cache_dir) or None,
-                         num_utterances=int(data_config.builtin_utterances))
-
-
 class CtcFinetuning(Method):
   """CTC fine-tuning (+ optional magnitude pruning: none / omp / imp / mpi / parp)."""
 
   name = 'ctc'
 
-  def __init__(self, config, with_labels: bool = True):
+  def __init__(self, config):
     super().__init__(config)
-    from data_pipelines.manifest import read_manifest
-
     self.enc_cfg = encoder_config(config.model)
-    m = config.method
-    self.unit = str(m.unit)
-    self.vocab = build_vocab(read_manifest(_manifest_path(config.data)), self.unit)
-    from jaxspeech.methods.parp import PruneSpec  # parp.py subclasses this class: import late
-
+    self.unit = str(config.method.unit)
+    if self.unit not in UNITS:
+      raise ValueError(f'config.method.unit={self.unit!r}: choose one of {UNITS}')
     self.prune = PruneSpec.from_config(config)
-    self.labels = self.label_lengths = None
-    if with_labels:
-      from jaxspeech.train import data as data_lib
+    self.vocab: Vocab | None = None
+    self.max_label_length = 0
 
-      # The very rows (and order) the trainer's pipeline indexes with batch['index'].
-      rows = data_lib.manifest_rows(config.data)
-      self.labels, self.label_lengths = label_table(rows, self.unit, self.vocab,
-                                                    int(config.data.num_samples))
-      if not np.any(self.label_lengths > 0):
-        raise ValueError(f'ctc: no training row has a {self.unit} reference that fits '
-                         f'config.data.num_samples={int(config.data.num_samples)}')
+  # --- host state: the vocabulary and U, fitted on the training manifest once ------------------
+
+  def fit_host_state(self, rows):
+    # The phone inventory is every phone of the whole manifest (all splits), as before spine v2.
+    vocab = build_vocab(_all_split_rows(self.config.data), self.unit)
+    max_len = max([len(reference_tokens(r, self.unit)) for r in rows] + [1])
+    n_samples = int(self.config.data.num_samples)
+    if not any(row_labels(r, self.unit, vocab, n_samples, max_len)[1] > 0 for r in rows):
+      raise ValueError(f'ctc: no training row has a {self.unit} reference that fits '
+                       f'config.data.num_samples={n_samples}')
+    return {'unit': self.unit, 'tokens': list(vocab.tokens[1:]), 'max_label_length': max_len}
+
+  def set_host_state(self, host_state):
+    if not host_state:
+      raise ValueError('ctc: no host state (vocabulary). A workdir made before spine v2 has no '
+                       'host_state.json: write {"unit", "tokens", "max_label_length"} there, or '
+                       'retrain')
+    if host_state.get('unit') != self.unit:
+      raise ValueError(f'host_state.json unit={host_state.get("unit")!r} but config.method.unit='
+                       f'{self.unit!r}')
+    self.vocab = Vocab(host_state['tokens'])
+    self.max_label_length = int(host_state['max_label_length'])
+
+  def _need_vocab(self) -> Vocab:
+    if self.vocab is None:
+      # Not bound by a workdir (the trainer and `load_workdir_model` bind host_state.json before
+      # anything else): a run built straight from its config (benchmarks, AOT compiles, tests)
+      # fits it on the configured training rows, exactly as a fresh training run would.
+      self.set_host_state(self.fit_host_state(self.training_rows()))
+    return self.vocab
+
+  def row_fields(self):
+    self._need_vocab()
+    return {'labels': jax.ShapeDtypeStruct((self.max_label_length,), jnp.int32),
+            'label_length': jax.ShapeDtypeStruct((), jnp.int32)}
+
+  def host_fields(self, row):
+    labels, length = row_labels(row, self.unit, self._need_vocab(),
+                                int(self.config.data.num_samples), self.max_label_length)
+    return {'labels': labels, 'label_length': np.asarray(length, np.int32)}
 
   @property
   def _dropout(self) -> bool:
     return self.enc_cfg.has_dropout
 
   def init(self, rng):
-    model = CtcModel(self.enc_cfg, len(self.vocab), rngs=nnx.Rngs(params=rng))
+    model = CtcModel(self.enc_cfg, len(self._need_vocab()), rngs=nnx.Rngs(params=rng))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     extra = {'step': jnp.zeros((), jnp.int32), 'prune': self.prune.init_state(params)}
     return model, extra
 
   def targets(self, batch) -> tuple[jax.Array, jax.Array]:
     """Label ids `[B, U]` and lengths `[B]` (-1 = not in the loss) of the batch's rows."""
-    if self.labels is None:
-      raise ValueError('CtcFinetuning(with_labels=False) cannot compute a training loss')
-    n = self.labels.shape[0]
-    idx = batch['index']  # [B]
-    safe = jnp.clip(idx, 0, n - 1)
-    labels = jnp.asarray(self.labels)[safe]  # [B, U]
-    lengths = jnp.asarray(self.label_lengths)[safe]  # [B]
-    ok = (idx >= 0) & (lengths > 0)
+    labels, lengths = batch['labels'], batch['label_length']  # [B, U], [B]
+    ok = (batch['index'] >= 0) & (lengths > 0)
     if 'valid' in batch:
       ok &= batch['valid']
     if 'offset' in batch:
@@ -299,3 +322,21 @@ class CtcFinetuning(Method):
     params, prune_state = self.prune.post_update(params, extra_state['prune'], step,
                                                  int(self.config.train.num_steps))
     return params, {**extra_state, 'step': step + 1, 'prune': prune_state}
+
+  def predict_fns(self, model, extra_state):
+    fns = super().predict_fns(model, extra_state)
+    model = self.prune.forward_model(model, extra_state['prune'])
+    fns['logits'] = lambda wav, mask: model(wav, mask)
+    return fns
+
+
+def _all_split_rows(data_config) -> list[dict]:
+  """Every row of the configured manifest (all splits): the phone inventory spans them."""
+  from data_pipelines.manifest import read_manifest
+
+  path = str(data_config.manifest)
+  if not path:
+    from data_pipelines.synth import built_in_corpus
+    path = built_in_corpus(str(data_config.cache_dir) or None,
+                           num_utterances=int(data_config.builtin_utterances))
+  return read_manifest(path)

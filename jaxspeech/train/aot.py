@@ -37,26 +37,33 @@ class CompiledStep:
   memory: dict[str, int]  # memory_analysis() fields, bytes per device
 
 
-def abstract_batch(config, mesh: jax.sharding.Mesh, extra_fields: tuple[str, ...] = ()) -> dict:
-  """The step's batch as ShapeDtypeStructs: `audio` / `audio_mask` [B, S] (the Method contract's
-  minimum) plus float32 `extra_fields` of the same shape (e.g. a perturbed view)."""
-  b, s = int(config.data.batch_size), int(config.data.num_samples)
+def abstract_batch(config, mesh: jax.sharding.Mesh, extra_fields: tuple[str, ...] = (),
+                   method=None, num_samples: int | None = None) -> dict:
+  """The step's batch as ShapeDtypeStructs with their shardings: the method's `batch_spec` (for
+  the bucket `num_samples`, default the longest) plus float32 `extra_fields` shaped like `audio`
+  (e.g. a perturbed view the config does not declare)."""
+  method = method or get_method(config)
+  spec = method.batch_spec(config, num_samples)
+  b = int(config.data.batch_size)
   shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
   if b % shards:
     raise ValueError(f'config.data.batch_size={b} not divisible by the {shards} batch shards '
                      f'of the mesh {dict(mesh.shape)}')
-  sh = partitioning.batch_sharding(mesh, 2)
-  batch = {'audio': jax.ShapeDtypeStruct((b, s), jnp.float32, sharding=sh),
-           'audio_mask': jax.ShapeDtypeStruct((b, s), jnp.bool_, sharding=sh)}
   for k in extra_fields:
-    batch[k] = jax.ShapeDtypeStruct((b, s), jnp.float32, sharding=sh)
-  return batch
+    if k not in spec:
+      spec[k] = jax.ShapeDtypeStruct(spec['audio'].shape, jnp.float32)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                  sharding=partitioning.batch_sharding(mesh, len(v.shape)))
+          for k, v in spec.items()}
 
 
-def compile_train_step(config, mesh: jax.sharding.Mesh,
-                       extra_fields: tuple[str, ...] = ()) -> CompiledStep:
-  setup = step_lib.build_setup(config, get_method(config), mesh)
-  batch = abstract_batch(config, mesh, extra_fields)
+def compile_train_step(config, mesh: jax.sharding.Mesh, extra_fields: tuple[str, ...] = (),
+                       num_samples: int | None = None) -> CompiledStep:
+  """Lowers and compiles the real step on the method's declared batch (one bucket length:
+  `num_samples`, default the longest of `config.data.bucket_lengths` / `num_samples`)."""
+  method = get_method(config)
+  setup = step_lib.build_setup(config, method, mesh)
+  batch = abstract_batch(config, mesh, extra_fields, method=method, num_samples=num_samples)
   lowered = step_lib.jit_train_step(setup, batch).lower(setup.abstract_state, batch)
   compiled = lowered.compile()
   mem = compiled.memory_analysis()

@@ -16,10 +16,10 @@ from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 from etils import epath
+
+from jaxspeech.models import params as params_lib
 
 PyTree = Any
 
@@ -93,48 +93,9 @@ def restore_params_from_workdir(workdir: str, abstract_state: PyTree) -> tuple[P
   return restored['state']['params'], step
 
 
-def _flat_shapes(tree) -> dict[str, tuple]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {jax.tree_util.keystr(p, simple=True, separator='/'): tuple(getattr(x, 'shape', ()))
-          for p, x in flat}
-
-
-def _check_same_tree(want: PyTree, have: PyTree, what: str) -> None:
-  w, h = _flat_shapes(want), _flat_shapes(have)
-  missing = sorted(set(w) - set(h))
-  extra = sorted(set(h) - set(w))
-  bad = sorted(k for k in set(w) & set(h) if w[k] != h[k])
-  if missing or extra or bad:
-    msg = [f'{what}: parameters do not match the configured model.']
-    if missing:
-      msg.append(f'missing ({len(missing)}): {missing[:5]}')
-    if extra:
-      msg.append(f'unexpected ({len(extra)}): {extra[:5]}')
-    if bad:
-      msg.append('shape mismatch: ' + ', '.join(f'{k} want {w[k]} have {h[k]}' for k in bad[:5]))
-    raise ValueError(' '.join(msg))
-
-
-def merge_subtree(params: PyTree, prefix: tuple[str, ...], sub: PyTree, what: str) -> PyTree:
-  """Returns `params` with `params[prefix...]` replaced by `sub` (same keys and shapes, checked);
-  `sub` leaves are cast to the existing leaves' dtype and placed in their shardings."""
-  node = params
-  for k in prefix:
-    if not isinstance(node, dict) or k not in node:
-      raise ValueError(f'{what}: the model has no parameter group {"/".join(prefix)!r}')
-    node = node[k]
-  _check_same_tree(node, sub, what)
-  placed = jax.tree.map(
-    lambda old, new: jax.device_put(np.asarray(new, dtype=old.dtype), old.sharding), node, sub)
-
-  def rebuild(tree, keys):
-    if not keys:
-      return placed
-    return {**tree, keys[0]: rebuild(tree[keys[0]], keys[1:])}
-
-  logging.info('%s: loaded %d arrays into %s', what, len(jax.tree.leaves(placed)),
-               '/'.join(prefix) or '<root>')
-  return rebuild(params, list(prefix))
+# Re-exported: pure tree operations live in jaxspeech.models.params.
+merge_subtree = params_lib.merge_subtree
+_check_same_tree = params_lib.check_same_tree
 
 
 def load_workdir_model(workdir: str, make_method=None):
@@ -158,6 +119,13 @@ def load_workdir_model(workdir: str, make_method=None):
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh.shape = {'data': 1, 'fsdp': 1, 'model': 1}
   method = (make_method or get_method)(config)
+  # Derived host state (vocabularies...) comes from the workdir, never from a manifest.
+  host_path = os.path.join(workdir, 'host_state.json')
+  host_state = {}
+  if os.path.exists(host_path):
+    with open(host_path) as f:
+      host_state = json.load(f)
+  method.set_host_state(host_state)
   mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
   setup = step_lib.build_setup(config, method, mesh)
   params, _ = restore_params_from_workdir(workdir, setup.abstract_state)

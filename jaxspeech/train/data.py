@@ -1,45 +1,52 @@
-"""The trainer's view of `data_pipelines`: config.data -> a checkpointable Grain iterator of host
-batches, and host batches -> global arrays on the mesh (batch over ('data', 'fsdp'))."""
+"""The trainer's view of `data_pipelines`: config.data + the method's batch declaration -> a
+checkpointable Grain iterator of host batches, and host batches -> global arrays on the mesh
+(batch over ('data', 'fsdp')), checked against `Method.batch_spec`."""
 
 from __future__ import annotations
 
+import copy
 import math
-import os
 
 import jax
 import numpy as np
 
 from data_pipelines import pipeline
-from data_pipelines.manifest import read_manifest
+from jaxspeech.methods.base import Method, bucket_lengths
 from jaxspeech.train.partitioning import BATCH_AXES
 
 
-def manifest_rows(data_config) -> list[dict]:
-  """Rows of `config.data.manifest`, or of the built-in synthetic corpus when it is unset."""
-  path = str(data_config.manifest)
-  if path:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'config.data.manifest={path!r}: no such file')
-  else:
-    from data_pipelines.synth import built_in_corpus
-    path = built_in_corpus(str(data_config.cache_dir) or None,
-                           num_utterances=int(data_config.builtin_utterances))
-  rows = read_manifest(path)
-  split = str(data_config.split)
-  if split and any('split' in r for r in rows):
-    rows = [r for r in rows if r.get('split') == split]
-    if not rows:
-      raise ValueError(f'config.data.split={split!r}: no row of {path} has this split')
-  return rows
+def manifest_rows(data_config, method: Method | None = None) -> list[dict]:
+  """Rows of `config.data.manifest` (or of `method.default_manifest`, by default the built-in
+  synthetic corpus, when it is unset) of split `config.data.split`."""
+  if method is None:
+    import ml_collections
+
+    method = Method(ml_collections.ConfigDict({'data': data_config}))
+  if method.config.data is not data_config:
+    method = copy.copy(method)
+    method.config = _with_data(method.config, data_config)
+  return method.training_rows()
 
 
-def make_iterator(config, mesh=None, *, seed_offset: int = 0, whole_batch: bool = False):
+def _with_data(config, data_config):
+  import ml_collections
+
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.data = data_config
+  return c
+
+
+def make_iterator(config, mesh=None, *, method: Method | None = None, seed_offset: int = 0,
+                  whole_batch: bool = False):
   """An endless, checkpointable iterator over this host's share of global batches.
 
   Host `jax.process_index()` of `jax.process_count()` reads rows [i * B/n, (i+1) * B/n) of every
   global batch of B rows; `to_global` then assembles the hosts' rows in process order, which is
   the order of the batch shards over the mesh's ('data', 'fsdp') devices.
 
+  `method` declares the batch: audio or not (`uses_audio`), the per-row fields its
+  `host_fields` map makes in the Grain workers (`row_fields`). None = audio only (the base
+  Method). Buckets: `config.data.bucket_lengths` (several static lengths) or `num_samples`.
   `config.data.perturb` ('praat' | 'jax' | '' = none) adds the speaker-perturbed view
   `audio_perturbed`, made in the Grain workers.
 
@@ -57,16 +64,53 @@ def make_iterator(config, mesh=None, *, seed_offset: int = 0, whole_batch: bool 
       if int(d.batch_size) % shards:
         raise ValueError(f'config.data.batch_size={int(d.batch_size)} is not divisible by the '
                          f'{shards} batch shards of the mesh {dict(mesh.shape)} (data x fsdp)')
+  rows = manifest_rows(d, method)
+  row_fields = row_spec = None
+  if method is not None and method.row_fields():
+    row_fields = method.host_fields
+    row_spec = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in method.row_fields().items()}
+  audio = method is None or method.uses_audio
   ds = pipeline.make_dataset(
-    manifest_rows(d), batch_size=int(d.batch_size), bucket_lengths=(int(d.num_samples),),
+    rows if audio else pipeline.RowSource(rows), batch_size=int(d.batch_size),
+    bucket_lengths=bucket_lengths(d) if audio else (1,),
     seed=int(d.seed) + seed_offset, shuffle=True, num_epochs=None,
-    perturb=str(d.get('perturb', '') or '') or None, worker_count=int(d.num_workers),
-    process_index=process_index, process_count=process_count)
+    perturb=(str(d.get('perturb', '') or '') or None) if audio else None,
+    worker_count=int(d.num_workers), process_index=process_index, process_count=process_count,
+    row_fields=row_fields, row_spec=row_spec)
   return iter(ds)
 
 
-def to_global(host_batch: dict[str, np.ndarray], mesh) -> dict:
-  """Numeric host arrays -> global jax.Arrays, batch dim split over ('data', 'fsdp')."""
-  numeric = {k: v for k, v in host_batch.items()
-             if isinstance(v, np.ndarray) and v.dtype.kind in 'biuf'}
+def check_batch(host_batch: dict[str, np.ndarray], spec: dict, process_count: int = 1) -> dict:
+  """The spec's fields of a host batch, each checked (present, shape with this host's share of
+  the batch, dtype); a mismatch raises naming the field."""
+  out = {}
+  for k, want in spec.items():
+    if k not in host_batch:
+      raise ValueError(f'batch field {k!r} (declared by the method\'s batch_spec) is missing; '
+                       f'the data path gave {sorted(host_batch)}')
+    v = np.asarray(host_batch[k])
+    shape = (want.shape[0] // process_count, *want.shape[1:])
+    if v.shape != shape or v.dtype != np.dtype(want.dtype):
+      raise ValueError(f'batch field {k!r}: got {v.dtype}{list(v.shape)}, the batch_spec '
+                       f'declares {np.dtype(want.dtype)}{list(shape)} on this host')
+    out[k] = v
+  return out
+
+
+def to_global(host_batch: dict[str, np.ndarray], mesh, spec: dict | None = None) -> dict:
+  """Host arrays -> global jax.Arrays, batch dim split over ('data', 'fsdp'). With `spec` (a
+  method's `batch_spec` for this batch's bucket) exactly its fields, checked; without it every
+  numeric field."""
+  if spec is not None:
+    numeric = check_batch(host_batch, spec, jax.process_count())
+  else:
+    numeric = {k: v for k, v in host_batch.items()
+               if isinstance(v, np.ndarray) and v.dtype.kind in 'biuf'}
   return pipeline.to_global(numeric, mesh, BATCH_AXES)
+
+
+def batch_spec_for(method: Method, config, host_batch: dict) -> dict:
+  """`method.batch_spec` for the bucket of this host batch (its audio length)."""
+  if method.uses_audio and 'audio' in host_batch:
+    return method.batch_spec(config, num_samples=int(np.shape(host_batch['audio'])[1]))
+  return method.batch_spec(config)

@@ -1,4 +1,12 @@
-"""Optimizer from config: AdamW + warm-up/decay schedule + global-norm clipping + frozen groups.
+"""Optimizers from config: one per parameter group (`Method.param_groups`), each an optax chain of
+global-norm clipping + AdamW / Adam / SGD with a warm-up/decay schedule + frozen parameters.
+
+`config.optim` is either one flat block (it has a `name`; every group gets its own instance of
+it: today's single-group methods) or one block per group (`config.optim.generator`,
+`config.optim.discriminator`, ...). A block's keys: name (adamw | adam | sgd), learning_rate,
+schedule, warmup_steps, init_lr_ratio, end_lr_ratio, tri_stage_ratios, b1, b2, eps (adam*),
+momentum (sgd), weight_decay, clip_norm, and optionally frozen (a regex of parameters of the group
+that never update), every / phase (the group updates at steps with step % every == phase).
 
 Frozen parameter groups are config, not code: `config.train.trainable` is a regular expression
 matched (`re.search`) against each parameter's '/'-joined path (e.g.
@@ -16,6 +24,7 @@ import jax
 import optax
 
 SCHEDULES = ('constant', 'linear', 'cosine', 'tri_stage')
+OPTIMIZERS = ('adamw', 'adam', 'sgd')
 
 
 def param_paths(params) -> Any:
@@ -68,18 +77,31 @@ def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
 
 def make_optimizer(optim_config, num_steps: int, trainable) -> tuple[optax.GradientTransformation,
                                                                     optax.Schedule]:
-  """AdamW (decoupled weight decay on >=2-D weights only) with clipping and frozen groups."""
+  """One group's optimizer: clipping + AdamW (decoupled weight decay on >=2-D weights only), Adam
+  (weight decay as an L2 term added to the gradient, torch.optim.Adam's convention, >=2-D weights)
+  or SGD (momentum, same L2 term); parameters where `trainable` is False get no update, no
+  optimizer moments and no share of the clipped norm."""
   c = optim_config
-  if c.name != 'adamw':
-    raise ValueError(f'config.optim.name={c.name!r}: only "adamw" is implemented')
+  name = str(c.name)
+  if name not in OPTIMIZERS:
+    raise ValueError(f'config.optim.name={name!r}: choose one of {OPTIMIZERS}')
   schedule = make_schedule(c, num_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: getattr(p, 'ndim', 0) >= 2, params)
-  adamw = optax.adamw(schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
-                      weight_decay=float(c.weight_decay), mask=decay_mask)
+  wd = float(c.weight_decay)
   parts = []
   if c.clip_norm and float(c.clip_norm) > 0:
     parts.append(optax.clip_by_global_norm(float(c.clip_norm)))
-  parts.append(adamw)
+  if name == 'adamw':
+    parts.append(optax.adamw(schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps),
+                             weight_decay=wd, mask=decay_mask))
+  else:
+    if wd:
+      parts.append(optax.add_decayed_weights(wd, mask=decay_mask))
+    if name == 'adam':
+      parts.append(optax.adam(schedule, b1=float(c.b1), b2=float(c.b2), eps=float(c.eps)))
+    else:
+      momentum = float(c.get('momentum', 0.0) or 0.0)
+      parts.append(optax.sgd(schedule, momentum=momentum or None))
   inner = optax.chain(*parts)
   labels = jax.tree.map(lambda t: 'train' if t else 'freeze', trainable)
   if all(jax.tree.leaves(trainable)):
@@ -88,3 +110,31 @@ def make_optimizer(optim_config, num_steps: int, trainable) -> tuple[optax.Gradi
   # trainable group's norm.
   tx = optax.multi_transform({'train': inner, 'freeze': optax.set_to_zero()}, labels)
   return tx, schedule
+
+
+def group_masks(params, groups: dict, config) -> dict:
+  """{group: bool tree}: the method's group membership AND `config.train.trainable` AND NOT
+  `config.optim.<group>.frozen`. Groups must be disjoint (a parameter in two groups would be
+  updated twice); every group must keep at least one trainable parameter."""
+  from jaxspeech.methods.base import group_optim_config
+
+  if not groups:
+    raise ValueError('Method.param_groups returned no group')
+  global_mask = trainable_mask(params, str(config.train.trainable))
+  paths = param_paths(params)
+  count = jax.tree.map(lambda *ms: sum(bool(m) for m in ms), *groups.values())
+  twice = [p for p, n in zip(jax.tree.leaves(paths), jax.tree.leaves(count)) if n > 1]
+  if twice:
+    raise ValueError(f'Method.param_groups: parameters in more than one group: {twice[:3]}')
+  out = {}
+  for g, member in groups.items():
+    c = group_optim_config(config.optim, g)
+    frozen = str(c.get('frozen', '') or '')
+    rx = re.compile(frozen) if frozen else None
+    out[g] = jax.tree.map(
+      lambda m, t, path, rx=rx: bool(m) and bool(t) and not (rx and rx.search(path)),
+      member, global_mask, paths)
+    if not any(jax.tree.leaves(out[g])):
+      raise ValueError(f'parameter group {g!r} has no trainable parameter (config.train.trainable'
+                       f'={str(config.train.trainable)!r}, config.optim.{g}.frozen={frozen!r})')
+  return out

@@ -4,9 +4,17 @@ The train state is a plain dict of pytrees, so that jit, shardings, donation and
 uniformly:
 
     {'step': int32[], 'params': pure dict of the model's nnx.Params,
-     'opt_state': optax state, 'model_state': pure dict of the model's other nnx Variables,
+     'opt_state': {group: optax state} (one per `Method.param_groups` group),
+     'model_state': pure dict of the model's other nnx Variables,
      'extra': the method's extra state (EMA teacher, codebooks, k-means targets ...),
      'rng': the run's base PRNG key (constant; step keys are fold_in(rng, step))}
+
+Parameter groups: group g's optimizer sees only the gradient of its own loss (`loss_fn` returns
+`{g: loss}`, or one scalar for a single group) with respect to its own parameters, is clipped by
+its own norm, and is applied only at steps where `Method.updates_at(step)[g]` is true (else its
+parameters and optimizer state are kept exactly). Metrics: one group keeps the plain names
+(`loss`, `grad_norm`, `learning_rate`); several add `loss/<g>`, `grad_norm/<g>`,
+`learning_rate/<g>`, `updated/<g>`, with `loss` their sum and `grad_norm` the norm of all.
 
 Keys per step are `fold_in(rng, step)`, so a resumed run draws exactly the random numbers of an
 uninterrupted one.
@@ -25,7 +33,7 @@ from flax import nnx
 
 from jaxspeech.audio import SAMPLE_RATE
 from jaxspeech.layers.partitioning import activation_sharding
-from jaxspeech.methods.base import Method
+from jaxspeech.methods.base import Method, group_optim_config
 from jaxspeech.train import optim, partitioning
 
 PyTree = Any
@@ -37,9 +45,11 @@ class TrainSetup:
 
   method: Method
   graphdef: Any
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  trainable: PyTree  # pure-dict tree of bools, same structure as params
+  groups: tuple[str, ...]  # parameter groups, in the method's order
+  txs: dict[str, optax.GradientTransformation]  # one optimizer per group
+  schedules: dict[str, optax.Schedule]
+  group_trainable: dict[str, PyTree]  # per group: pure-dict tree of bools (disjoint)
+  trainable: PyTree  # union of the groups' masks, same structure as params
   mesh: jax.sharding.Mesh
   rules: dict
   abstract_state: PyTree  # ShapeDtypeStructs carrying shardings
@@ -66,8 +76,14 @@ def build_setup(config, method: Method, mesh: jax.sharding.Mesh) -> TrainSetup:
   seed_key = jax.random.key_data(jax.random.key(0))
   abs_params, _, abs_extra = jax.eval_shape(init_model, seed_key)
   param_axes = partitioning.param_logical_axes(abs_params)
-  trainable = optim.trainable_mask(nnx.to_pure_dict(abs_params), config.train.trainable)
-  tx, schedule = optim.make_optimizer(config.optim, int(config.train.num_steps), trainable)
+  pure = nnx.to_pure_dict(abs_params)
+  group_trainable = optim.group_masks(pure, method.param_groups(pure), config)
+  groups = tuple(group_trainable)
+  txs, schedules = {}, {}
+  for g in groups:
+    txs[g], schedules[g] = optim.make_optimizer(
+      group_optim_config(config.optim, g), int(config.train.num_steps), group_trainable[g])
+  trainable = jax.tree.map(lambda *ms: any(ms), *group_trainable.values())
 
   def init_fn(rng):
     params, rest, extra = init_model(rng)
@@ -75,7 +91,7 @@ def build_setup(config, method: Method, mesh: jax.sharding.Mesh) -> TrainSetup:
     return {
       'step': jnp.zeros((), jnp.int32),
       'params': params,
-      'opt_state': tx.init(params),
+      'opt_state': {g: txs[g].init(params) for g in groups},
       'model_state': nnx.to_pure_dict(rest),
       'extra': extra,
       'rng': rng,
@@ -96,8 +112,9 @@ def build_setup(config, method: Method, mesh: jax.sharding.Mesh) -> TrainSetup:
   }
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  return TrainSetup(method=method, graphdef=box['graphdef'], tx=tx, schedule=schedule,
-                    trainable=trainable, mesh=mesh, rules=rules, abstract_state=abstract,
+  return TrainSetup(method=method, graphdef=box['graphdef'], groups=groups, txs=txs,
+                    schedules=schedules, group_trainable=group_trainable, trainable=trainable,
+                    mesh=mesh, rules=rules, abstract_state=abstract,
                     state_shardings=shardings, init_fn=init_fn)
 
 
@@ -136,14 +153,21 @@ def _global_norm(tree, mask=None) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
+def _select(pred, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), new, old)
+
+
 def make_train_step(setup: TrainSetup) -> Callable[[PyTree, dict], tuple[PyTree, dict]]:
-  """The shared step: loss -> grads -> optax -> post-update hook; plus norms. Not jitted here.
+  """The shared step: losses -> per-group grads -> optax -> post-update hook; plus norms. Not
+  jitted here.
 
   The method's loss is traced inside `activation_sharding(mesh, rules)`: the encoder's activations
   follow the config's rules (plus `partitioning.ACTIVATION_DEFAULT_RULES`), so GSPMD keeps the
   batch split over ('data', 'fsdp') through the layers instead of guessing."""
-  method, graphdef, tx, trainable = setup.method, setup.graphdef, setup.tx, setup.trainable
+  method, graphdef, groups = setup.method, setup.graphdef, setup.groups
+  trainable = setup.trainable
   act_rules = partitioning.activation_rules(setup.rules)
+  single = len(groups) == 1
 
   def train_step(state: PyTree, batch: dict[str, jax.Array]) -> tuple[PyTree, dict]:
     step = state['step']
@@ -156,26 +180,69 @@ def make_train_step(setup: TrainSetup) -> Callable[[PyTree, dict], tuple[PyTree,
       # Layers pin their activations by logical names (`constrain`) while this traces.
       with activation_sharding(setup.mesh, act_rules):
         loss, (metrics, extra) = method.loss_fn(model, state['extra'], batch, rng)
+      losses = loss if isinstance(loss, dict) else {groups[0]: loss}
+      if set(losses) != set(groups) or (not single and not isinstance(loss, dict)):
+        raise ValueError(f'{type(method).__name__}.loss_fn returned losses for {sorted(losses)}; '
+                         f'the parameter groups are {list(groups)}')
       _, _, rest = _split(model)
-      return loss, (metrics, extra, nnx.to_pure_dict(rest))
+      return losses, (metrics, extra, nnx.to_pure_dict(rest))
 
-    (loss, (metrics, extra, model_state)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-      state['params'])
-    grad_norm = _global_norm(grads, trainable)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    params = state['params']
+    if single:
+      # One group: exactly the gradient of its loss (the single-optimizer step of spine v1).
+      g = groups[0]
+      def scalar_loss(p):
+        losses, aux = loss_of(p)
+        return losses[g], (losses, aux)
+      (_, (losses, (metrics, extra, model_state))), grads = jax.value_and_grad(
+        scalar_loss, has_aux=True)(params)
+      group_grads = {g: grads}
+    else:
+      # Group g gets the gradient of its own loss: one vjp, one cotangent per group.
+      losses, vjp_fn, (metrics, extra, model_state) = jax.vjp(loss_of, params, has_aux=True)
+      group_grads = {}
+      for g in groups:
+        ct = {h: jnp.ones_like(losses[h]) if h == g else jnp.zeros_like(losses[h])
+              for h in groups}
+        (grads,) = vjp_fn(ct)
+        group_grads[g] = jax.tree.map(
+          lambda x, m: x if m else jnp.zeros_like(x), grads, setup.group_trainable[g])
+    do_update = method.updates_at(step, groups)
+    opt_state = dict(state['opt_state'])
+    out_metrics = dict(metrics)
+    for g in groups:
+      updates, new_opt = setup.txs[g].update(group_grads[g], opt_state[g], params)
+      new_params = optax.apply_updates(params, updates)
+      if isinstance(do_update[g], bool):  # static: every step (or never)
+        if do_update[g]:
+          params, opt_state[g] = new_params, new_opt
+      else:
+        params = _select(do_update[g], new_params, params)
+        opt_state[g] = _select(do_update[g], new_opt, opt_state[g])
+      if not single:
+        out_metrics[f'loss/{g}'] = losses[g].astype(jnp.float32)
+        out_metrics[f'grad_norm/{g}'] = _global_norm(group_grads[g], setup.group_trainable[g])
+        out_metrics[f'learning_rate/{g}'] = jnp.asarray(setup.schedules[g](step), jnp.float32)
+        out_metrics[f'updated/{g}'] = jnp.asarray(do_update[g], jnp.float32)
     params, extra = method.post_update(params, extra, step)
-    metrics = dict(metrics)
-    metrics.update(
-      loss=loss.astype(jnp.float32),
+    if single:
+      grad_norm = _global_norm(group_grads[groups[0]], trainable)
+      lr = setup.schedules[groups[0]](step)
+    else:
+      grad_norm = jnp.sqrt(sum(jnp.square(out_metrics[f'grad_norm/{g}']) for g in groups))
+      lr = setup.schedules[groups[0]](step)
+    out_metrics.update(
+      loss=sum(losses[g] for g in groups).astype(jnp.float32),
       grad_norm=grad_norm,
       param_norm=_global_norm(params),
-      learning_rate=jnp.asarray(setup.schedule(step), jnp.float32),
-      audio_seconds=jnp.sum(batch["audio_mask"], dtype=jnp.float32) / SAMPLE_RATE,
+      learning_rate=jnp.asarray(lr, jnp.float32),
     )
+    if 'audio_mask' in batch:
+      out_metrics['audio_seconds'] = (jnp.sum(batch['audio_mask'], dtype=jnp.float32)
+                                      / SAMPLE_RATE)
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state,
                      model_state=model_state, extra=extra)
-    return new_state, metrics
+    return new_state, out_metrics
 
   return train_step
 

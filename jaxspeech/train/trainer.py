@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxspeech.methods.base import Method, get_method
+from jaxspeech.methods.base import Method, Pretrained, get_method
 from jaxspeech.train import checkpoint as ckpt_lib
 from jaxspeech.train import data as data_lib
 from jaxspeech.train import metrics as metrics_lib
@@ -59,39 +59,47 @@ def _workdir_method(workdir: str) -> str | None:
     return json.load(f).get('method', {}).get('name')
 
 
-def _load_init_from(config, method: Method, setup: step_lib.TrainSetup, state: PyTree) -> PyTree:
-  src = str(config.init_from)
+def pretrained_source(src: str) -> Pretrained:
+  """`config.init_from` -> a `Pretrained` source: an HF checkpoint folder or a jaxspeech workdir
+  (its encoder loaded on demand through its own method's `encoder` hook)."""
   if not os.path.exists(src):
     raise FileNotFoundError(f'config.init_from={src!r}: no such file or directory')
   if os.path.isdir(os.path.join(src, 'checkpoints')):
-    src_method = _workdir_method(src)
-    if src_method in (None, method.name):
-      params, step = ckpt_lib.restore_params_from_workdir(src, setup.abstract_state)
-      logging.info('config.init_from: parameters of %s at step %d', src, step)
-      return dict(state, params=params)
-    # Another method's workdir (e.g. HuBERT-style pretraining -> Spin): its encoder only.
-    from flax import nnx
+    def workdir_encoder():
+      from flax import nnx
 
-    from jaxspeech.extract import load_model
-    enc_params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(load_model(src), nnx.Param)))
-    params = ckpt_lib.merge_subtree(state['params'], tuple(method.encoder_path), enc_params,
-                                    f'config.init_from={src!r} (encoder of a {src_method} run)')
-    logging.info('config.init_from: the encoder of %s (method %s)', src, src_method)
-    return dict(state, params=params)
+      src_method, model, _, _ = ckpt_lib.load_workdir_model(src)
+      enc = src_method.encoder(model)
+      if enc is None:
+        raise ValueError(f'config.init_from={src!r}: its {src_method.name} model has no speech '
+                         'encoder')
+      return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
+
+    return Pretrained(src, 'workdir', _workdir_method(src), workdir_encoder)
   if os.path.exists(os.path.join(src, 'config.json')):
-    from jaxspeech.interop.hf import load_hf_checkpoint
-    _, enc_params = load_hf_checkpoint(src)
-    prefix = tuple(method.encoder_path)
-    node = state['params']
-    for k in prefix:
-      node = node[k]
-    missing_optional = {k: node[k] for k in ('masked_spec_embed',) if k not in enc_params}
-    enc_params = {**enc_params, **jax.tree.map(np.asarray, missing_optional)}
-    params = ckpt_lib.merge_subtree(state['params'], prefix, enc_params,
-                                    f'config.init_from={src!r} (HF checkpoint)')
-    return dict(state, params=params)
+    def hf_encoder():
+      from jaxspeech.interop.hf import load_hf_checkpoint
+
+      return load_hf_checkpoint(src)[1]
+
+    return Pretrained(src, 'hf', None, hf_encoder)
   raise FileNotFoundError(f'config.init_from={src!r} is neither a jaxspeech workdir (no '
                           'checkpoints/) nor an HF checkpoint folder (no config.json)')
+
+
+def _load_init_from(config, method: Method, setup: step_lib.TrainSetup, state: PyTree) -> PyTree:
+  """A workdir of this same method: all its parameters; anything else: `method.load_pretrained`
+  (default: its speech encoder)."""
+  source = pretrained_source(str(config.init_from))
+  if source.kind == 'workdir' and source.method_name in (None, method.name):
+    params, step = ckpt_lib.restore_params_from_workdir(source.path, setup.abstract_state)
+    logging.info('config.init_from: parameters of %s at step %d', source.path, step)
+    return dict(state, params=params)
+  params = method.load_pretrained(state['params'], source)
+  logging.info('config.init_from: %s (%s%s) via %s.load_pretrained', source.path, source.kind,
+               f', method {source.method_name}' if source.method_name else '',
+               type(method).__name__)
+  return dict(state, params=params)
 
 
 def _place(tree: PyTree, shardings: PyTree) -> PyTree:
@@ -103,6 +111,27 @@ def _place(tree: PyTree, shardings: PyTree) -> PyTree:
       lambda x: np.asarray(x) if not isinstance(x, jax.Array) or x.is_fully_addressable else x,
       tree)
   return jax.device_put(tree, shardings)
+
+
+HOST_STATE = 'host_state.json'
+
+
+def bind_host_state(config, method: Method, workdir: str, write: bool = True) -> dict:
+  """`Method.fit_host_state` on the training rows the first time (written to
+  WORKDIR/host_state.json), read back on every later start; then `method.set_host_state`."""
+  path = os.path.join(workdir, HOST_STATE)
+  if os.path.exists(path):
+    with open(path) as f:
+      host_state = json.load(f)
+  else:
+    host_state = method.fit_host_state(data_lib.manifest_rows(config.data, method))
+    if write and host_state:
+      tmp = path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(host_state, f, indent=1, sort_keys=True)
+      os.replace(tmp, path)
+  method.set_host_state(host_state)
+  return host_state
 
 
 def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
@@ -118,7 +147,8 @@ def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
   # so that the training data order does not depend on it.
   # Every host reads the same whole global batches here, so that all hosts compute the same
   # extra state (a multi-host device_put assumes identical values on every host).
-  prep_iter = data_lib.make_iterator(config, setup.mesh, seed_offset=1, whole_batch=True)
+  prep_iter = data_lib.make_iterator(config, setup.mesh, method=method, seed_offset=1,
+                                     whole_batch=True)
   extra = method.prepare(state['extra'], prep_iter)
   extra = _place(extra, setup.state_shardings['extra'])
   state = dict(state, extra=extra)
@@ -141,6 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   ckpt_every = int(config.train.checkpoint_every)
 
   method = get_method(config)
+  bind_host_state(config, method, workdir, write=is_main)
   mesh = partitioning.create_mesh(config.mesh)
   logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
                jax.process_count())
@@ -151,7 +182,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logging.info('%s: %.2fM parameters, %.2fM trainable', method.name, n_params / 1e6,
                n_train / 1e6)
 
-  train_iter = data_lib.make_iterator(config, mesh, seed_offset=0)
+  train_iter = data_lib.make_iterator(config, mesh, method=method, seed_offset=0)
   checkpointer = ckpt_lib.Checkpointer(
     os.path.join(workdir, 'checkpoints'), max_to_keep=int(config.train.keep_checkpoints),
     async_save=bool(config.train.async_checkpointing))
@@ -184,7 +215,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       for k in ('index', 'offset'):
         if k in host_batch:
           window_crc = zlib.crc32(np.ascontiguousarray(host_batch[k]).tobytes(), window_crc)
-      batch = data_lib.to_global(host_batch, setup.mesh)
+      batch = data_lib.to_global(host_batch, setup.mesh,
+                                 data_lib.batch_spec_for(method, config, host_batch))
       if train_step is None:
         train_step = step_lib.jit_train_step(setup, batch)
       with jax.transfer_guard('disallow'):

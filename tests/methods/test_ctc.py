@@ -118,15 +118,47 @@ def test_label_table_leaves_out_long_or_unlabelled_rows():
   assert table[0, :2].tolist() == v.encode(['a', 'b'])
 
 
-def test_targets_gather_by_index_and_drop_fillers_and_crops():
+def test_host_fields_and_targets_drop_fillers_and_crops():
   config = small_ctc_config()
   method = ctc.CtcFinetuning(config)
+  rows = method.training_rows()
+  method.set_host_state(method.fit_host_state(rows))
+  table, lengths = ctc.label_table(rows, 'phone', method.vocab, int(config.data.num_samples))
+  assert table.shape[1] == method.max_label_length
+  fields = [method.host_fields(r) for r in rows[:3]]
+  for i, f in enumerate(fields):
+    np.testing.assert_array_equal(f['labels'], table[i])
+    assert int(f['label_length']) == lengths[i]
+  spec = method.batch_spec(config)
+  assert spec['labels'].shape == (int(config.data.batch_size), method.max_label_length)
   batch = {'index': jnp.asarray([0, 1, -1, 2]), 'valid': jnp.asarray([True, True, False, True]),
-           'offset': jnp.asarray([0, 0, 0, 160])}
-  labels, lengths = jax.jit(method.targets)(batch)
-  np.testing.assert_array_equal(labels[:2], method.labels[:2])
-  want = [method.label_lengths[0], method.label_lengths[1], -1, -1]
-  assert np.asarray(lengths).tolist() == [int(x) for x in want]
+           'offset': jnp.asarray([0, 0, 0, 160]),
+           'labels': jnp.asarray(np.stack([f['labels'] for f in fields] + [table[0]])[[0, 1, 3, 2]]),
+           'label_length': jnp.asarray([lengths[0], lengths[1], 0, lengths[2]])}
+  labels, got = jax.jit(method.targets)(batch)
+  np.testing.assert_array_equal(labels[:2], table[:2])
+  assert np.asarray(got).tolist() == [int(lengths[0]), int(lengths[1]), -1, -1]
+
+
+def test_vocabulary_is_host_state_never_refitted_from_the_manifest(tmp_path):
+  """The trainer writes host_state.json once; set_host_state needs it (no manifest fallback)."""
+  from jaxspeech.train.trainer import bind_host_state
+
+  config = small_ctc_config()
+  method = ctc.CtcFinetuning(config)
+  state = bind_host_state(config, method, str(tmp_path))
+  with open(tmp_path / 'host_state.json') as f:
+    assert json.load(f) == state
+  assert state['tokens'] == list(method.vocab.tokens[1:]) and state['unit'] == 'phone'
+  # A later start reads the file, whatever the manifest now says.
+  edited = dict(state, tokens=state['tokens'][::-1])
+  with open(tmp_path / 'host_state.json', 'w') as f:
+    json.dump(edited, f)
+  again = ctc.CtcFinetuning(config)
+  bind_host_state(config, again, str(tmp_path))
+  assert list(again.vocab.tokens[1:]) == edited['tokens']
+  with pytest.raises(ValueError, match='host_state.json'):
+    ctc.CtcFinetuning(config).set_host_state({})
 
 
 def test_short_ctc_run_loss_falls_and_evaluates(tmp_path):
