@@ -108,6 +108,18 @@ class MetricsLogger:
         self.tb.flush()
     return line
 
+  def write_eval(self, step: int, results: dict[str, float]) -> str:
+    """Logs evaluation results (`eval/<name>/<metric>`) as their own metrics.jsonl row and
+    TensorBoard scalars; returns a progress line."""
+    if self.enabled and results:
+      with open(self.path, 'a') as f:
+        f.write(json.dumps({'step': int(step),
+                            **{k: _finite_or_str(v) for k, v in results.items()}}) + '\n')
+      if self.tb is not None:
+        self.tb.write_scalars(step, results)
+        self.tb.flush()
+    return f'step {step}/{self.num_steps} ' + ' '.join(f'{k} {v:.4g}' for k, v in results.items())
+
   def close(self):
     if self.tb is not None:
       self.tb.close()

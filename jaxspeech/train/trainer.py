@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxspeech.eval import registry as eval_registry
 from jaxspeech.methods.base import Method, Pretrained, get_method
 from jaxspeech.train import checkpoint as ckpt_lib
 from jaxspeech.train import data as data_lib
@@ -157,6 +158,22 @@ def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
   return state, 0
 
 
+def run_evals_on_state(config, method: Method, setup: step_lib.TrainSetup, state: PyTree,
+                       todo: dict) -> dict[str, float]:
+  """`config.evals` entries `todo` on the current parameters (the model re-assembled from the
+  train state; nothing is copied to the host but the tasks' results)."""
+  from flax import nnx
+
+  if jax.process_count() > 1:
+    raise NotImplementedError('evaluation during training runs single-process only; run '
+                              '`python -m jaxspeech.evaluate` on the workdir instead')
+  model = nnx.merge(setup.graphdef, state['params'], state['model_state'])
+  ctx = eval_registry.EvalContext(config=config, method=method, model=model,
+                                  extra=state['extra'],
+                                  predict=method.predict_fns(model, state['extra']))
+  return eval_registry.run_evals(ctx, todo)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns the last logged
   metrics (window averages)."""
@@ -193,6 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   logger = metrics_lib.MetricsLogger(workdir, num_steps, enabled=is_main)
   window = metrics_lib.WindowAverages()
   last_logged: dict[str, float] = {}
+  last_eval: dict[str, float] = {}
   pending = None  # (step, device metrics) of the previous step: checked one step late so the
   # host never waits on the step it just dispatched.
   window_audio_s = 0.0
@@ -239,11 +257,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         if ckpt_every and (done % ckpt_every == 0 or done == num_steps):
           checkpointer.save(done, state, train_iter, force=True)
           last_ckpt = done
-        kill_after = int(config.train.kill_after_step)
-        if kill_after and done == kill_after:
-          checkpointer.wait()
-          logging.warning('config.train.kill_after_step=%d: SIGKILL (fault injection)', done)
-          os.kill(os.getpid(), signal.SIGKILL)
+      todo = eval_registry.due(config, done, num_steps)
+      if todo:
+        results = run_evals_on_state(config, method, setup, state, todo)
+        line = logger.write_eval(done, results)
+        last_eval.update(results)
+        if is_main:
+          logging.info('%s', line)
+      kill_after = int(config.train.kill_after_step)
+      if kill_after and done == kill_after:
+        checkpointer.wait()
+        logging.warning('config.train.kill_after_step=%d: SIGKILL (fault injection)', done)
+        os.kill(os.getpid(), signal.SIGKILL)
     if pending is not None:
       drain(pending)
   finally:
@@ -251,5 +276,5 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     logger.close()
   if is_main:
     with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump({'step': num_steps, **last_logged}, f, indent=1)
-  return last_logged
+      json.dump({'step': num_steps, **last_logged, **last_eval}, f, indent=1)
+  return {**last_logged, **last_eval}
