@@ -71,8 +71,8 @@ def run_one(config, workdir: str, manifest: str, method: str, sparsity: float,
             dense_dir: str | None) -> dict:
   import copy
 
+  from jaxspeech import prune as prune_runner
   from jaxspeech.eval.asr import evaluate_ctc
-  from jaxspeech.methods import prune_runner
 
   c = copy.deepcopy(config)
   c.prune.method = method

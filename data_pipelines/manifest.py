@@ -85,8 +85,9 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[dict], *, relative: b
   with open(tmp, "w") as f:
     for row in rows:
       row = dict(row)
-      p = os.path.abspath(row["path"])
-      row["path"] = os.path.relpath(p, base) if relative else p
+      if "path" in row:  # rows of other modalities (images, text) have no file
+        p = os.path.abspath(row["path"])
+        row["path"] = os.path.relpath(p, base) if relative else p
       f.write(json.dumps(row) + "\n")
   os.replace(tmp, path)  # atomic: a reader never sees half a manifest
 

@@ -4,7 +4,7 @@ Launch (from the repository root). `prune_runner` converts a pretraining workdir
 or an HF checkpoint into this model's initial parameters, runs every phase a pruning method
 needs and writes `sparsity.json`:
 
-  python -m jaxspeech.methods.prune_runner --config experiments/ctc.py:tiny \
+  python -m jaxspeech.prune --config experiments/ctc.py:tiny \
       --workdir runs/ctc_tiny --config.init_from=runs/hubert_tiny
   python -m jaxspeech.evaluate --task ctc --checkpoint runs/ctc_tiny \
       --manifest ~/.cache/jaxspeech/synth-400-0/manifest.jsonl --split test
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.hubert import DEFAULT_RULES
+from experiments._base import data_config, mesh_config, optim_config, train_config
 from jaxspeech.methods.base import model_config
 from jaxspeech.methods.parp import prune_config
 
@@ -66,44 +66,29 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_config('tiny') if not paper else model_config(
     'wav2vec2-base', activation_dropout=0.1)
 
-  c.data = ml_collections.ConfigDict()
-  c.data.manifest = ''  # '' = the built-in synthetic corpus
-  c.data.cache_dir = ''
-  c.data.builtin_utterances = 400
-  c.data.split = 'train'
-  c.data.batch_size = 48 if paper else 8
-  # Whole utterances: longer ones would be cropped and are left out of the loss.
-  c.data.num_samples = 560_000 if paper else 60_000
-  c.data.num_workers = 0
-  c.data.seed = 0
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'adamw'
-  c.optim.learning_rate = 5e-5 if paper else 1e-3
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.98
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.0
-  c.optim.schedule = 'tri_stage' if paper else 'linear'
-  c.optim.warmup_steps = 0 if paper else 40
-  c.optim.init_lr_ratio = 0.01 if paper else 0.0
-  c.optim.end_lr_ratio = 0.05 if paper else 0.0
-  c.optim.tri_stage_ratios = (0.1, 0.4, 0.5)
-  c.optim.clip_norm = 0.0 if paper else 10.0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
-  c.mesh.rules = DEFAULT_RULES
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = _PAPER[variant][0] if paper else 400
-  c.train.log_every = 200 if paper else 50
-  c.train.checkpoint_every = 1000 if paper else 400
-  c.train.keep_checkpoints = 2
-  c.train.async_checkpointing = True
-  c.train.seed = 0
-  c.train.trainable = FREEZE_FEATURE_EXTRACTOR  # fairseq feature_grad_mult 0.0
-  c.train.kill_after_step = 0
+  c.data = data_config(
+    batch_size=48 if paper else 8,
+    # Whole utterances: longer ones would be cropped and are left out of the loss.
+    num_samples=560_000 if paper else 60_000,
+  )
+  c.optim = optim_config(
+    learning_rate=5e-5 if paper else 1e-3,
+    eps=1e-8,
+    weight_decay=0.0,
+    schedule='tri_stage' if paper else 'linear',
+    warmup_steps=0 if paper else 40,
+    init_lr_ratio=0.01 if paper else 0.0,
+    end_lr_ratio=0.05 if paper else 0.0,
+    clip_norm=0.0 if paper else 10.0,
+  )
+  c.mesh = mesh_config()
+  c.train = train_config(
+    num_steps=_PAPER[variant][0] if paper else 400,
+    log_every=200 if paper else 50,
+    checkpoint_every=1000 if paper else 400,
+    keep_checkpoints=2,
+    trainable=FREEZE_FEATURE_EXTRACTOR,  # fairseq feature_grad_mult 0.0
+  )
 
   c.method = ml_collections.ConfigDict()
   c.method.name = 'ctc'

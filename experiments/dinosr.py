@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.hubert import DEFAULT_RULES
+from experiments._base import data_config, mesh_config, optim_config, train_config
 from jaxspeech.methods.base import model_config
 
 VARIANTS = ('tiny', 'paper')
@@ -49,43 +49,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     'hubert-base', hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
     feat_proj_dropout=0.0)  # base.yaml dropout_input: 0.0
 
-  c.data = ml_collections.ConfigDict()
-  c.data.manifest = ''  # '' = the built-in corpus
-  c.data.cache_dir = ''
-  c.data.builtin_utterances = 400
-  c.data.split = 'train'
-  c.data.batch_size = 8 if tiny else 240
-  c.data.num_samples = 16000 if tiny else 250_000
-  c.data.num_workers = 0
-  c.data.seed = 0
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'adamw'
-  c.optim.learning_rate = 1e-3 if tiny else 5e-4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.98
-  c.optim.eps = 1e-6
-  c.optim.weight_decay = 0.01
-  c.optim.schedule = 'linear' if tiny else 'tri_stage'
-  c.optim.warmup_steps = 50 if tiny else 32_000
-  c.optim.init_lr_ratio = 0.0 if tiny else 0.01
-  c.optim.end_lr_ratio = 0.0 if tiny else 0.01
-  c.optim.tri_stage_ratios = (0.03, 0.47, 0.50)  # base.yaml lr_scheduler.phase_ratio
-  c.optim.clip_norm = 10.0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
-  c.mesh.rules = DEFAULT_RULES
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 2000 if tiny else 400_000
-  c.train.log_every = 25 if tiny else 200
-  c.train.checkpoint_every = 500 if tiny else 5000
-  c.train.keep_checkpoints = 2 if tiny else 5
-  c.train.async_checkpointing = True
-  c.train.seed = 0
-  c.train.trainable = '.*'
-  c.train.kill_after_step = 0
+  c.data = data_config(batch_size=8 if tiny else 240, num_samples=16000 if tiny else 250_000)
+  c.optim = optim_config(
+    learning_rate=1e-3 if tiny else 5e-4,
+    schedule='linear' if tiny else 'tri_stage',
+    warmup_steps=50 if tiny else 32_000,
+    init_lr_ratio=0.0 if tiny else 0.01,
+    end_lr_ratio=0.0 if tiny else 0.01,
+    tri_stage_ratios=(0.03, 0.47, 0.50),  # base.yaml lr_scheduler.phase_ratio
+  )
+  c.mesh = mesh_config()
+  c.train = train_config(
+    num_steps=2000 if tiny else 400_000,
+    log_every=25 if tiny else 200,
+    checkpoint_every=500 if tiny else 5000,
+    keep_checkpoints=2 if tiny else 5,
+  )
 
   c.method = ml_collections.ConfigDict()
   c.method.name = 'dinosr'

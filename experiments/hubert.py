@@ -26,22 +26,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from experiments._base import data_config, mesh_config, optim_config, train_config
 from jaxspeech.methods.base import model_config
-
-# Logical axis -> mesh axes (maxtext-style rules; parallelism is data). Logical names are those
-# the layers put on their weights (jaxspeech/layers/partitioning.py).
-DEFAULT_RULES = (
-  ('embed', 'fsdp'),
-  ('mlp', 'model'),
-  ('heads', 'model'),
-  ('kv', None),
-  ('vocab', None),
-  ('conv_in', None),
-  ('conv_out', 'fsdp'),
-  ('kernel', None),
-  ('norm', None),
-)
-
 
 VARIANTS = ('tiny', 'paper')
 
@@ -61,46 +47,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_config('tiny') if tiny else model_config(
     'hubert-base', hidden_dropout=0.1, attention_dropout=0.1, activation_dropout=0.0,
     feat_proj_dropout=0.1)
-
-  c.data = ml_collections.ConfigDict()
-  c.data.manifest = ''  # JSONL manifest (data_pipelines.manifest); '' = the built-in corpus
-  c.data.cache_dir = ''  # where the built-in corpus is cached; '' = $JAXSPEECH_CACHE or ~/.cache
-  c.data.builtin_utterances = 400  # size of the built-in corpus
-  c.data.split = 'train'  # manifest rows with this `split` ('' = all rows)
-  c.data.batch_size = 8 if tiny else 176  # global, across all hosts and devices
-  c.data.num_samples = 16000 if tiny else 250_000  # crop / pad length (static shapes)
-  c.data.num_workers = 0  # Grain worker processes (0 = in-process)
-  c.data.seed = 0
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'adamw'
-  c.optim.learning_rate = 2e-3 if tiny else 5e-4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.98
-  c.optim.eps = 1e-6
-  c.optim.weight_decay = 0.01
-  c.optim.schedule = 'linear'  # constant | linear | cosine | tri_stage
-  c.optim.warmup_steps = 50 if tiny else 32_000
-  c.optim.init_lr_ratio = 0.0
-  c.optim.end_lr_ratio = 0.0
-  c.optim.tri_stage_ratios = (0.1, 0.4, 0.5)
-  c.optim.clip_norm = 10.0
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
-  c.mesh.rules = DEFAULT_RULES
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 1000 if tiny else 400_000
-  c.train.log_every = 50 if tiny else 200
-  c.train.checkpoint_every = 250 if tiny else 5000
-  c.train.keep_checkpoints = 2 if tiny else 5
-  c.train.async_checkpointing = True
-  c.train.seed = 0
-  c.train.trainable = '.*'  # regex over '/'-joined parameter paths; the rest is frozen
-  # Fault injection for tests of resume: SIGKILL the process right after this step's checkpoint
-  # is durable (0 = off).
-  c.train.kill_after_step = 0
+  c.data = data_config(batch_size=8 if tiny else 176, num_samples=16000 if tiny else 250_000)
+  c.optim = optim_config(learning_rate=2e-3 if tiny else 5e-4,
+                         warmup_steps=50 if tiny else 32_000)
+  c.mesh = mesh_config()
+  c.train = train_config(
+    num_steps=1000 if tiny else 400_000,
+    log_every=50 if tiny else 200,
+    checkpoint_every=250 if tiny else 5000,
+    keep_checkpoints=2 if tiny else 5,
+  )
 
   c.method = ml_collections.ConfigDict()
   c.method.name = 'hubert'

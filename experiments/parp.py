@@ -2,7 +2,7 @@ r"""PARP (prune, adjust, re-prune) on top of `experiments/ctc.py`; any of its va
 
   python -m jaxspeech.main --config experiments/parp.py:tiny --workdir W \
       --config.init_from=<HF checkpoint or CTC workdir>     # one run (PARP / MPI / none)
-  python -m jaxspeech.methods.prune_runner --config experiments/parp.py:tiny \
+  python -m jaxspeech.prune --config experiments/parp.py:tiny \
       --workdir runs/parp_tiny --config.init_from=runs/hubert_tiny --config.prune.sparsity=0.7
 
 Same fields as experiments/ctc.py with `prune.method='parp'`, `prune.sparsity=0.5`,

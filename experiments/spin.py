@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.hubert import DEFAULT_RULES
+from experiments._base import data_config, mesh_config, optim_config, train_config
 from jaxspeech.methods.base import model_config
 from jaxspeech.methods.spin import trainable_regex
 
@@ -61,49 +61,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = model_config('tiny') if tiny else model_config('hubert-base')
   num_layers = 4 if tiny else 12
 
-  c.data = ml_collections.ConfigDict()
-  c.data.manifest = ''  # '' = the built-in corpus
-  c.data.cache_dir = ''
-  c.data.builtin_utterances = 400
-  c.data.split = 'train'
-  c.data.batch_size = 8 if tiny else 16
-  c.data.num_samples = 32_000 if tiny else 256_000
-  c.data.num_workers = 0
-  c.data.seed = 0
+  c.data = data_config(batch_size=8 if tiny else 16, num_samples=32_000 if tiny else 256_000)
   # Perturbation in the Grain workers ('praat' | 'jax' | '' = none). Must be set for
   # method.perturb='praat' (the batch then carries `audio_perturbed`).
   c.data.perturb = '' if tiny else 'praat'
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = 'adamw'
-  c.optim.learning_rate = 3e-4 if tiny else 1e-4  # spin.yaml optim.optimizer.args.lr
-  c.optim.b1 = 0.9  # torch Adam defaults
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.weight_decay = 1e-6  # spin.yaml
-  c.optim.schedule = 'linear'  # spin.yaml linear_warmup_decay
-  c.optim.warmup_steps = 50 if tiny else 2500
-  c.optim.init_lr_ratio = 0.01  # 1e-6 / 1e-4 (SEEDS §1: warm-up from 1e-6)
-  c.optim.end_lr_ratio = 0.01  # spin.yaml final_lr 1e-6
-  c.optim.tri_stage_ratios = (0.1, 0.4, 0.5)
-  c.optim.clip_norm = 10.0  # spin.yaml trainer.gradient_clip_val
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.shape = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'model': 1})
-  c.mesh.rules = DEFAULT_RULES
-
-  c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 600 if tiny else 5000  # spin.yaml trainer.max_steps
-  c.train.log_every = 25 if tiny else 100
-  c.train.checkpoint_every = 300 if tiny else 1000
-  c.train.keep_checkpoints = 2
-  c.train.async_checkpointing = True
-  c.train.seed = 0
-  # Top-N blocks + head + codebook (paper: N=2, spin.yaml freeze_layers: [pos, 0, 1, ..., 10];
-  # tiny: N=1). Must equal
-  # trainable_regex(num_hidden_layers, method.trainable_layers); the method checks it.
-  c.train.trainable = trainable_regex(num_layers, TRAINABLE_LAYERS[variant])
-  c.train.kill_after_step = 0
+  c.optim = optim_config(
+    learning_rate=3e-4 if tiny else 1e-4,  # spin.yaml optim.optimizer.args.lr
+    b2=0.999, eps=1e-8,  # torch Adam defaults (b1 = 0.9)
+    weight_decay=1e-6,  # spin.yaml
+    schedule='linear',  # spin.yaml linear_warmup_decay
+    warmup_steps=50 if tiny else 2500,
+    init_lr_ratio=0.01,  # 1e-6 / 1e-4 (SEEDS §1: warm-up from 1e-6)
+    end_lr_ratio=0.01,  # spin.yaml final_lr 1e-6
+    clip_norm=10.0,  # spin.yaml trainer.gradient_clip_val
+  )
+  c.mesh = mesh_config()
+  c.train = train_config(
+    num_steps=600 if tiny else 5000,  # spin.yaml trainer.max_steps
+    log_every=25 if tiny else 100,
+    checkpoint_every=300 if tiny else 1000,
+    keep_checkpoints=2,
+    # Top-N blocks + head + codebook (paper: N=2, spin.yaml freeze_layers: [pos, 0, 1, ..., 10];
+    # tiny: N=1). Must equal
+    # trainable_regex(num_hidden_layers, method.trainable_layers); the method checks it.
+    trainable=trainable_regex(num_layers, TRAINABLE_LAYERS[variant]),
+  )
 
   c.method = ml_collections.ConfigDict()
   c.method.name = 'spin'

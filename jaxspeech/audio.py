@@ -5,16 +5,21 @@ non-finite audio raises `AudioError` naming the file. Stereo is averaged to mono
 rates are resampled with `scipy.signal.resample_poly` (polyphase FIR with a Kaiser window, the
 well-kept resampler already installed with jax). `normalize_waveform` is the per-utterance
 zero-mean / unit-variance input normalisation every model is trained with.
+
+`soundfile` is imported when a file is read, so `resample` and `normalize_waveform` work with the
+core stack alone (jax, numpy).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.signal
-import soundfile as sf
+
+if TYPE_CHECKING:
+  import soundfile as sf
 
 SAMPLE_RATE = 16_000
 
@@ -23,10 +28,23 @@ class AudioError(ValueError):
   """A file that cannot be used as audio; the message names the file and the reason."""
 
 
+def _soundfile():
+  try:
+    import soundfile
+  except ImportError as e:
+    raise ImportError(
+      "reading audio files needs the `soundfile` package (pip install soundfile==0.14.0, "
+      "or jaxspeech's requirements.txt)"
+    ) from e
+  return soundfile
+
+
 def resample(wav: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
   """Resamples a 1-D float signal with a polyphase filter. [S] -> [S * target_sr / orig_sr]."""
   if orig_sr == target_sr:
     return wav
+  import scipy.signal  # installed with jax; imported here because it is slow to import
+
   g = math.gcd(int(orig_sr), int(target_sr))
   out = scipy.signal.resample_poly(wav, target_sr // g, orig_sr // g)
   return out.astype(np.float32, copy=False)
@@ -49,6 +67,7 @@ def read_info(path: str | os.PathLike) -> sf._SoundFileInfo:
   path = os.fspath(path)
   if not os.path.exists(path):
     raise AudioError(f"{path}: no such file")
+  sf = _soundfile()
   try:
     return sf.info(path)
   except Exception as e:  # soundfile raises LibsndfileError / RuntimeError on corrupt headers
@@ -64,6 +83,7 @@ def load_audio(path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE) -> 
   path = os.fspath(path)
   if not os.path.exists(path):
     raise AudioError(f"{path}: no such file")
+  sf = _soundfile()
   try:
     wav, sr = sf.read(path, dtype="float32", always_2d=True)  # [S, C]
   except Exception as e:

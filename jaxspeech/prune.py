@@ -1,6 +1,6 @@
 r"""Runs a pruning method end to end: one or several fine-tuning runs of the shared trainer.
 
-    python -m jaxspeech.methods.prune_runner --config experiments/parp.py:tiny \
+    python -m jaxspeech.prune --config experiments/parp.py:tiny \
         --workdir runs/parp_tiny --config.init_from=runs/hubert_tiny --config.prune.method=omp
 
 `config.init_from` may be a pretraining workdir of any method (its encoder is taken from
@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxspeech.methods.parp import FIXED_MASK, METHODS
+from jaxspeech.methods.prune_spec import FIXED_MASK, METHODS
 from jaxspeech.ops import pruning
 
 PyTree = Any

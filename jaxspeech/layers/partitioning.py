@@ -30,6 +30,20 @@ def logical(init, *names: str | None):
   return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
+def param_logical_axes(abstract_params):
+  """Pure-dict tree of logical axis tuples (or None) from an `nnx.State` of Params."""
+
+  def axes_of(v):
+    if isinstance(v, nnx.Variable):
+      md = v.get_metadata()
+      ax = md.get("out_sharding") or md.get("sharding") or md.get("sharding_names")
+      return tuple(ax) if ax else None
+    return None
+
+  return nnx.to_pure_dict(jax.tree.map(
+    axes_of, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
 def norm_metadata(*names: str | None) -> dict:
   return {"out_sharding": tuple(names), "eager_sharding": False}
 

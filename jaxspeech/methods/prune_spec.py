@@ -11,7 +11,7 @@
   omp / imp  within ONE run these are the fixed-mask fine-tuning phase, exactly like mpi: the mask
         is MP of the run's initial parameters. Their other phases (dense fine-tuning, pruning the
         fine-tuned weights, rewinding the survivors to the pretrained values) need several runs
-        and are orchestrated by `jaxspeech.methods.prune_runner`, which starts the masked phase
+        and are orchestrated by `jaxspeech.prune`, which starts the masked phase
         from m * theta_init; MP of that recovers m (its zeros are the smallest magnitudes).
 
 Fixed masks are enforced twice: the forward pass uses m * theta (so pruned weights get no

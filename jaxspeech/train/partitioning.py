@@ -20,6 +20,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxspeech.layers import partitioning as layer_partitioning
+
 MESH_AXES = ('data', 'fsdp', 'model')
 # The batch dimension of every input array is split over all data-parallel axes.
 BATCH_AXES = ('data', 'fsdp')
@@ -123,19 +125,7 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
   return PartitionSpec(*spec)
 
 
-def param_logical_axes(abstract_params) -> Any:
-  """Pure-dict tree of logical axis tuples (or None) from an `nnx.State` of Params."""
-  import flax.nnx as nnx
-
-  def axes_of(v):
-    if isinstance(v, nnx.Variable):
-      md = v.get_metadata()
-      ax = md.get('out_sharding') or md.get('sharding') or md.get('sharding_names')
-      return tuple(ax) if ax else None
-    return None
-
-  return nnx.to_pure_dict(jax.tree.map(
-    axes_of, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+param_logical_axes = layer_partitioning.param_logical_axes  # re-exported (lives with the layers)
 
 
 def shardings_for(abstract_tree, logical_tree, mesh, rules) -> Any:

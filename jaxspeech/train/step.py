@@ -33,7 +33,7 @@ from flax import nnx
 
 from jaxspeech.audio import SAMPLE_RATE
 from jaxspeech.layers.partitioning import activation_sharding
-from jaxspeech.methods.base import Method, group_optim_config
+from jaxspeech.methods.base import Method, group_optim_config, group_schedule
 from jaxspeech.train import optim, partitioning
 
 PyTree = Any
@@ -81,6 +81,7 @@ def build_setup(config, method: Method, mesh: jax.sharding.Mesh) -> TrainSetup:
   groups = tuple(group_trainable)
   txs, schedules = {}, {}
   for g in groups:
+    group_schedule(config.optim, g)  # validates every / phase now, not at trace time
     txs[g], schedules[g] = optim.make_optimizer(
       group_optim_config(config.optim, g), int(config.train.num_steps), group_trainable[g])
   trainable = jax.tree.map(lambda *ms: any(ms), *group_trainable.values())

@@ -133,7 +133,8 @@ def test_host_fields_and_targets_drop_fillers_and_crops():
   assert spec['labels'].shape == (int(config.data.batch_size), method.max_label_length)
   batch = {'index': jnp.asarray([0, 1, -1, 2]), 'valid': jnp.asarray([True, True, False, True]),
            'offset': jnp.asarray([0, 0, 0, 160]),
-           'labels': jnp.asarray(np.stack([f['labels'] for f in fields] + [table[0]])[[0, 1, 3, 2]]),
+           'labels': jnp.asarray(np.stack([fields[0]['labels'], fields[1]['labels'], table[0],
+                                           fields[2]['labels']])),
            'label_length': jnp.asarray([lengths[0], lengths[1], 0, lengths[2]])}
   labels, got = jax.jit(method.targets)(batch)
   np.testing.assert_array_equal(labels[:2], table[:2])

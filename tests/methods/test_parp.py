@@ -129,7 +129,7 @@ def _prunable(tree):
 
 
 def _restore_state(workdir, config, step):
-  from jaxspeech.methods.prune_runner import _setup
+  from jaxspeech.prune import _setup
   from jaxspeech.train import checkpoint as ckpt_lib
 
   _, setup = _setup(config)
@@ -168,7 +168,7 @@ def test_parp_in_trainer_revives_then_ends_exact(tmp_path):
 
 @pytest.mark.parametrize('method,s', [('omp', 0.7), ('mpi', 0.9)])
 def test_runner_exports_exact_sparsity_and_the_right_mask(tmp_path, method, s):
-  from jaxspeech.methods import prune_runner
+  from jaxspeech import prune as prune_runner
 
   config = small_ctc_config('parp', **{
     'train.num_steps': 3, 'train.checkpoint_every': 3, 'prune.method': method,
@@ -200,7 +200,7 @@ def test_runner_exports_exact_sparsity_and_the_right_mask(tmp_path, method, s):
 
 @pytest.mark.slow
 def test_runner_imp_rounds(tmp_path):
-  from jaxspeech.methods import prune_runner
+  from jaxspeech import prune as prune_runner
 
   config = small_ctc_config('parp', **{
     'train.num_steps': 3, 'train.checkpoint_every': 3, 'prune.method': 'imp',
