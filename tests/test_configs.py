@@ -21,7 +21,7 @@ CASES = [(name, variant) for name in EXPERIMENTS
 
 REQUIRED = ('train.num_steps', 'train.log_every', 'train.checkpoint_every', 'train.seed',
             'train.trainable', 'init_from', 'data.manifest', 'method.name', 'mesh.shape',
-            'mesh.rules', 'optim.learning_rate')
+            'mesh.rules', 'optim')
 
 
 def _get(config, dotted):
@@ -48,8 +48,8 @@ def test_config_loads_and_state_shape_checks(name, variant):
   config = importlib.import_module(f'experiments.{name}').get_config(variant)
   for key in REQUIRED:
     _get(config, key)  # raises KeyError/AttributeError naming a missing key
-  assert config.method.name == name
   method = get_method(config)
+  assert method.name == config.method.name
   mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
   setup = step_lib.build_setup(config, method, mesh)
   params = setup.abstract_state['params']
@@ -59,6 +59,14 @@ def test_config_loads_and_state_shape_checks(name, variant):
   # Every optimizer moment has a sharding and the trainable mask covers every parameter.
   assert len(jax.tree.leaves(setup.trainable)) == len(jax.tree.leaves(params))
   assert jax.tree.structure(setup.state_shardings) == jax.tree.structure(setup.abstract_state)
+  # Every parameter group has its optimizer block (flat config.optim or config.optim.<group>).
+  from jaxspeech.methods.base import group_optim_config
+  for g in setup.groups:
+    assert float(group_optim_config(config.optim, g).learning_rate) > 0
+  # The step traces on the method's declared batch (shapes only).
+  batch = method.batch_spec(config)
+  _, metrics = jax.eval_shape(step_lib.make_train_step(setup), setup.abstract_state, batch)
+  assert metrics['loss'].shape == ()
   if name == 'hubert' and variant == 'paper':
     # HuBERT-base: ~94.7 M encoder parameters (HF HubertModel) + the 768->256 head + 100 x 256.
     assert 94e6 < n < 96e6, n
