@@ -44,6 +44,9 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     'split': 'train',  # manifest rows with this `split` ('' = all rows)
     'batch_size': 8,  # global, across all hosts and devices
     'num_samples': 16000,  # crop / pad length (static shapes)
+    # Several static lengths instead (e.g. (32000, 64000, 128000)): each utterance is padded to
+    # the shortest that holds it, cropped to the longest; one compilation per length.
+    'bucket_lengths': (),
     'num_workers': 0,  # Grain worker processes (0 = in-process)
     'seed': 0,
   }, overrides)

@@ -12,8 +12,8 @@ Labels reach the jitted step through the Method contract's host fields: the voca
 longest label sequence U are host state (`fit_host_state` on the training manifest, stored in
 WORKDIR/host_state.json, read back at evaluation), and `host_fields` maps every manifest row to
 `labels` int32 [U] (0-padded) and `label_length` int32 [] (-1 = no reference, or the row is
-longer than `config.data.num_samples`) in the Grain workers. Utterances longer than
-`config.data.num_samples` would be cropped by the pipeline and lose their
+longer than the longest bucket, `config.data.num_samples`) in the Grain workers. Utterances
+longer than that would be cropped by the pipeline and lose their
 transcript alignment, so they (and filler rows) are left out of the loss (counted in
 `metrics['used_fraction']`); so are those too short for their labels under CTC (fairseq's
 `zero_infinity`). Loss = mean over utterances of -log p(labels | audio) (fairseq `sentence_avg`).
@@ -45,7 +45,7 @@ from flax import nnx
 
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB
-from jaxspeech.methods.base import Method, encoder_config
+from jaxspeech.methods.base import Method, bucket_lengths, encoder_config
 from jaxspeech.methods.prune_spec import PruneSpec
 from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
 from jaxspeech.ops import masking
@@ -223,10 +223,10 @@ class CtcFinetuning(Method):
     # The phone inventory is every phone of the whole manifest (all splits), as before spine v2.
     vocab = build_vocab(_all_split_rows(self.config.data), self.unit)
     max_len = max([len(reference_tokens(r, self.unit)) for r in rows] + [1])
-    n_samples = int(self.config.data.num_samples)
+    n_samples = max(bucket_lengths(self.config.data))
     if not any(row_labels(r, self.unit, vocab, n_samples, max_len)[1] > 0 for r in rows):
       raise ValueError(f'ctc: no training row has a {self.unit} reference that fits '
-                       f'config.data.num_samples={n_samples}')
+                       f'the longest bucket, {n_samples} samples')
     return {'unit': self.unit, 'tokens': list(vocab.tokens[1:]), 'max_label_length': max_len}
 
   def set_host_state(self, host_state):
@@ -255,7 +255,7 @@ class CtcFinetuning(Method):
 
   def host_fields(self, row):
     labels, length = row_labels(row, self.unit, self._need_vocab(),
-                                int(self.config.data.num_samples), self.max_label_length)
+                                max(bucket_lengths(self.config.data)), self.max_label_length)
     return {'labels': labels, 'label_length': np.asarray(length, np.int32)}
 
   @property

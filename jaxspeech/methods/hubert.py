@@ -175,10 +175,13 @@ class HubertPretraining(Method):
     self.enc_cfg = encoder_config(config.model)
     m = config.method
     self.num_clusters = int(m.num_clusters)
-    self.num_samples = int(config.data.num_samples)
+    from jaxspeech.methods.base import bucket_lengths
+
+    self.num_samples = min(bucket_lengths(config.data))  # the shortest bucket
     self.num_frames = self.enc_cfg.num_frames(self.num_samples)
     if self.num_frames < 1:
-      raise ValueError(f'config.data.num_samples={self.num_samples} gives no encoder frame')
+      raise ValueError(f'config.data.num_samples / bucket_lengths: {self.num_samples} samples '
+                       'give no encoder frame')
 
   @property
   def _dropout(self) -> bool:
@@ -200,7 +203,7 @@ class HubertPretraining(Method):
 
   def targets(self, kmeans: dict, wav: jax.Array) -> jax.Array:
     """k-means unit of every encoder frame, `[B, S] -> [B, T]` int32 (no gradient)."""
-    feats = mfcc_targets_features(wav, self.num_frames)  # [B, T, 39]
+    feats = mfcc_targets_features(wav, self.enc_cfg.num_frames(wav.shape[1]))  # [B, T, 39]
     feats = (feats - kmeans['mean']) / kmeans['std']
     b, t, c = feats.shape
     ids, _ = kmeans_ops.kmeans_assign(feats.reshape(b * t, c), kmeans['centroids'])
@@ -212,7 +215,8 @@ class HubertPretraining(Method):
     mask_rng, drop_rng = jax.random.split(rng)
     targets = self.targets(extra_state['kmeans'], wav)  # [B, T]
     frame_mask = model.encoder.config.frame_lengths(jnp.sum(wav_mask, axis=-1))  # [B]
-    frame_mask = jnp.arange(self.num_frames)[None, :] < frame_mask[:, None]  # [B, T]
+    t = self.enc_cfg.num_frames(wav.shape[1])  # static per bucket length
+    frame_mask = jnp.arange(t)[None, :] < frame_mask[:, None]  # [B, T]
     masked = masking.span_mask(mask_rng, frame_mask, float(m.mask_prob), int(m.mask_length))
     out = model.encoder(wav, wav_mask, mask_time_indices=masked,
                         deterministic=not self._dropout,
@@ -240,14 +244,14 @@ class HubertPretraining(Method):
   def prepare(self, extra_state, batches: Iterator[dict[str, Any]]):
     """Fits the MFCC k-means on `config.method.kmeans_batches` host batches (scratch runs)."""
     m = self.config.method
-    feats_fn = jax.jit(lambda w: mfcc_targets_features(w, self.num_frames))
+    feats_fn = jax.jit(lambda w: mfcc_targets_features(w, self.enc_cfg.num_frames(w.shape[1])))
     rows = []
     for i, batch in zip(range(int(m.kmeans_batches)), batches):
       del i
       audio = np.asarray(batch['audio'])
       f = np.asarray(feats_fn(audio))  # [B, T, 39]
       lengths = np.asarray(self.enc_cfg.frame_lengths(np.sum(np.asarray(batch['audio_mask']), -1)))
-      valid = np.arange(self.num_frames)[None, :] < lengths[:, None]
+      valid = np.arange(f.shape[1])[None, :] < lengths[:, None]
       rows.append(f[valid])
     if not rows:
       raise ValueError('hubert.prepare: the data iterator yielded no batch for k-means')
