@@ -29,6 +29,7 @@ Stages (each reused when a previous run finished it; progress is logged througho
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging as logging_std
 import os
@@ -49,6 +50,9 @@ _SPIN_LR = flags.DEFINE_float('spin_lr', 0.0, 'Spin peak learning rate (0 = the 
 
 LAYER = 'last'
 FIT_SPLIT = 'train'  # k-means of the evaluation is fitted on this split's utterances
+# experiments/ next to the jaxspeech package (a checkout, or site-packages after `pip install .`).
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               'experiments')
 
 
 class Stage:
@@ -75,6 +79,18 @@ def finished_step(workdir: str) -> int | None:
     return None
   steps = [int(s) for s in os.listdir(d) if s.isdigit()]
   return max(steps) if steps else None
+
+
+def experiment_config(name: str, variant: str):
+  """`experiments/<name>.py:get_config(variant)`, loaded by file path as `--config` loads it: the
+  library never imports the `experiments` package (an import contract, `.importlinter`)."""
+  path = os.path.join(EXPERIMENTS_DIR, f'{name}.py')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no such experiment config')
+  spec = importlib.util.spec_from_file_location(f'_jaxspeech_experiment_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def train(config, workdir: str) -> None:
@@ -123,53 +139,43 @@ def frame_speaker_probe(feats, speakers, frames_per_utt: int, seed: int = 0) -> 
   return speaker_probe(xtr, ytr, xte, yte, seed=seed)['accuracy']
 
 
-def evaluate_model(name: str, extractor, units_fn, wavs, rows, k: int,
-                   fit_wavs) -> dict[str, float]:
-  """All metrics of one encoder. `units_fn` (wav, mask) -> (units, frame_mask), or None.
-  k-means is fitted on `fit_wavs` (the training speakers' utterances, fairseq's protocol), and
-  for reference also on the evaluated utterances themselves (`kmeans_fit_heldout_pnmi`)."""
-  from jaxspeech import evaluate as ev
-  from jaxspeech.eval.units import speaker_nmi, unit_quality
+def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs) -> dict[str, float]:
+  """All metrics of one model (`ctx`: its `jaxspeech.eval.common.load_context`), and of its own
+  units when its method predicts them ('units'). k-means is fitted on `fit_wavs` (the training
+  speakers' utterances, fairseq's protocol), and for reference also on the evaluated utterances
+  themselves (`kmeans_fit_heldout_pnmi`)."""
+  from jaxspeech.eval import abx, common, speaker_probe
+  from jaxspeech.eval import units as units_lib
 
-  layer = ev.parse_layer(LAYER, extractor.num_layers)
+  layer = common.layer_index(ctx, LAYER)
   res = {}
   t0 = time.perf_counter()
-  feats = ev.utterance_outputs(extractor, wavs, lambda w, m: extractor.features(w, m, layer))
+  feats = common.layer_outputs(ctx, wavs, layer)
   speakers = np.array([r['speaker'] for r in rows])
-  res['speaker_acc_utterance'] = ev.task_speaker_probe(extractor, wavs, rows, layer)['accuracy']
+  res['speaker_acc_utterance'] = speaker_probe.evaluate_speaker_probe(ctx, wavs, rows,
+                                                                      layer)['accuracy']
   res['speaker_acc_frame'] = frame_speaker_probe(feats, speakers, _FRAMES_PER_UTT.value)
   logging.info('  %s: speaker probes %.3f (utterance) %.3f (frame) [%.0f s]', name,
                res['speaker_acc_utterance'], res['speaker_acc_frame'], time.perf_counter() - t0)
-  km = ev.task_units(extractor, wavs, rows, layer, k, use_codebook=False, fit_wavs=fit_wavs)
+  km = units_lib.evaluate_units(ctx, wavs, rows, layer, k, fit_wavs=fit_wavs)
   res.update({f'kmeans_{key}': v for key, v in km.items()})
-  res['kmeans_fit_heldout_pnmi'] = ev.task_units(extractor, wavs, rows, layer, k,
-                                                 use_codebook=False)['pnmi']
-  if units_fn is not None:
-    units = ev.utterance_outputs(extractor, wavs, units_fn)
-    labels = ev.frame_phone_labels(rows, [len(u) for u in units])
+  res['kmeans_fit_heldout_pnmi'] = units_lib.evaluate_units(ctx, wavs, rows, layer, k)['pnmi']
+  if 'units' in ctx.predict:
+    units = units_lib.predicted_units(ctx, wavs, layer)
+    labels = common.frame_phone_labels(rows, [len(u) for u in units])
     y, u = np.concatenate(labels), np.concatenate(units)
-    q = unit_quality(y, u, y >= 0)
+    q = units_lib.unit_quality(y, u, y >= 0)
     res.update({f'units_{key}': q[key] for key in ('pnmi', 'phone_purity', 'cluster_purity')})
     res['units_used'] = q['num_units_used']
     frame_speakers = np.concatenate([[s] * len(v) for s, v in zip(speakers, units)])
-    res['units_speaker_nmi'] = speaker_nmi(frame_speakers, u)
+    res['units_speaker_nmi'] = units_lib.speaker_nmi(frame_speakers, u)
   logging.info('  %s: units %s [%.0f s]', name,
                {key: round(v, 3) for key, v in res.items() if 'pnmi' in key},
                time.perf_counter() - t0)
-  res.update(ev.task_abx(extractor, wavs, rows, layer))
+  res.update(abx.evaluate_abx(ctx, wavs, rows, layer))
   logging.info('  %s: ABX within %.2f%% across %.2f%% [%.0f s]', name, res['abx_within'],
                res['abx_across'], time.perf_counter() - t0)
   return res
-
-
-def spin_units_fn(workdir: str):
-  """(features extractor, jitted units fn) of a Spin workdir."""
-  from jaxspeech import evaluate as ev
-  from jaxspeech.extract import load_workdir_model
-
-  model, _ = load_workdir_model(os.path.abspath(workdir))
-  extractor = ev.EncoderFeatures(model.encoder)
-  return extractor, jax.jit(model.units)
 
 
 ROWS = (
@@ -204,10 +210,8 @@ def format_table(initial: dict, spin: dict, k: int) -> str:
 
 def run(workdir: str) -> dict:
   from data_pipelines import synth
-  from experiments import hubert as hubert_exp
-  from experiments import spin as spin_exp
-  from jaxspeech import evaluate as ev
   from jaxspeech.audio import load_audio
+  from jaxspeech.eval import common
 
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
@@ -225,7 +229,7 @@ def run(workdir: str) -> dict:
       logging.info('reusing the pretrained workdir %s', pre_dir)
     else:
       pre_dir = os.path.join(workdir, 'pretrain')
-      c = hubert_exp.get_config('tiny')
+      c = experiment_config('hubert', 'tiny')
       c.train.num_steps = _PRETRAIN_STEPS.value
       train(c, pre_dir)
 
@@ -237,7 +241,7 @@ def run(workdir: str) -> dict:
       export_encoder(pre_dir, init_dir)
 
   spin_dir = os.path.join(workdir, 'spin')
-  spin_cfg = spin_exp.get_config('tiny')
+  spin_cfg = experiment_config('spin', 'tiny')
   spin_cfg.init_from = init_dir
   spin_cfg.train.num_steps = _SPIN_STEPS.value
   if _SPIN_LR.value:
@@ -246,18 +250,16 @@ def run(workdir: str) -> dict:
     train(spin_cfg, spin_dir)
 
   with Stage(5, f'evaluate on held-out speakers (split {_EVAL_SPLIT.value!r})'):
-    rows = ev.load_rows(manifest, _EVAL_SPLIT.value, need_alignment=True)
+    rows = common.load_rows(manifest, _EVAL_SPLIT.value, need_alignment=True)
     wavs = [load_audio(r['path']) for r in rows]
     # k-means is fitted on the training speakers and labels the held-out ones (fairseq's
     # protocol: learn_kmeans.py on training data); Spin's codebook was learned on them too.
-    fit_wavs = [load_audio(r['path']) for r in ev.load_rows(manifest, FIT_SPLIT, False)]
+    fit_wavs = [load_audio(r['path']) for r in common.load_rows(manifest, FIT_SPLIT, False)]
     k = int(spin_cfg.method.codebook_size)
     logging.info('%d utterances of %s; k-means fitted on the %d utterances of split %r',
                  len(rows), sorted({r['speaker'] for r in rows}), len(fit_wavs), FIT_SPLIT)
-    initial = evaluate_model('initial', ev.load_checkpoint(init_dir), None, wavs, rows, k,
-                             fit_wavs)
-    extractor, units = spin_units_fn(spin_dir)
-    spin = evaluate_model('Spin', extractor, units, wavs, rows, k, fit_wavs)
+    initial = evaluate_model('initial', common.load_context(init_dir), wavs, rows, k, fit_wavs)
+    spin = evaluate_model('Spin', common.load_context(spin_dir), wavs, rows, k, fit_wavs)
 
   table = format_table(initial, spin, k)
   result = {

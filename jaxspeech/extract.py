@@ -3,17 +3,21 @@
     python -m jaxspeech.extract --checkpoint DIR --audio a.wav b.flac --layers all --out f.npz
     python -m jaxspeech.extract --checkpoint SPIN_WORKDIR --audio a.wav b.flac --units --out u.npz
     python -m jaxspeech.extract --checkpoint SPIN_WORKDIR --audio a.wav --units --out units.txt
+    python -m jaxspeech.extract --checkpoint DINOSR_WORKDIR --audio a.wav --units --layers -1 \
+      --out u.npz
 
 `--checkpoint` is an HF checkpoint folder (config.json + weights) or a jaxspeech training workdir
-(its config.json and latest checkpoint: the encoder of a Spin, DinoSR, HuBERT-style... run).
+(its config.json and latest checkpoint: the speech encoder, `Method.encoder`, of a Spin, DinoSR,
+HuBERT-style... run).
 
 Features: one float32 array [T, D] per file and layer under the key "<file stem>/layer_<i>",
 i = 0..L: exactly HF transformers' `hidden_states[i]` (`output_hidden_states=True`) of the
 checkpoint's feature extractor's output.
-Units (`--units`, a workdir whose model has a codebook head, e.g. Spin): one int32 array [T] of
-per-frame codeword ids argmax(z Cᵀ) per file under the key "<file stem>"; an `--out` ending in
-`.txt` gets one line per file instead, "<stem> id id id ...". Audio is
-read with soundfile, averaged to mono and resampled to 16 kHz with scipy's polyphase
+Units (`--units`, a workdir whose method predicts 'units', `Method.predict_fns`: Spin's codeword
+ids argmax(z Cᵀ), DinoSR's nearest codeword of one target layer given as `--layers L`): one int32
+array [T] of per-frame unit ids per file under the key "<file stem>"; an `--out` ending in `.txt`
+gets one line per file instead, "<stem> id id id ...".
+Audio is read with soundfile, averaged to mono and resampled to 16 kHz with scipy's polyphase
 `resample_poly`, then normalised per file to zero mean / unit variance as in training
 (`jaxspeech.audio.normalize_waveform`): always for a workdir, for an HF folder as its
 `preprocessor_config.json`'s `do_normalize` says (normalised without one, the
@@ -62,33 +66,22 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def load_workdir_model(workdir: str):
-  """(the method's whole model with the latest checkpoint's parameters, its config) of a
-  jaxspeech training workdir."""
-  from jaxspeech.train.checkpoint import load_workdir_model as load
-
-  _, model, config, _ = load(workdir)
-  return model, config
-
-
-def encoder_of(model, config):
-  """The SpeechEncoder inside a method's model (`Method.encoder_path`)."""
-  from jaxspeech.methods.base import get_method
-
-  for key in get_method(config).encoder_path:
-    model = getattr(model, key)
-  return model
-
-
 def load_model(checkpoint: str):
-  """An encoder from an HF checkpoint directory or a jaxspeech workdir."""
+  """The SpeechEncoder of an HF checkpoint directory or of a jaxspeech workdir's model
+  (`Method.encoder`)."""
   from jaxspeech.interop import hf
+  from jaxspeech.train.checkpoint import load_workdir_model
 
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
-  if is_workdir(checkpoint):
-    return encoder_of(*load_workdir_model(checkpoint))
-  return hf.load_encoder(checkpoint)
+  if not is_workdir(checkpoint):
+    return hf.load_encoder(checkpoint)
+  method, model, config, _ = load_workdir_model(checkpoint)
+  encoder = method.encoder(model)
+  if encoder is None:
+    raise ValueError(f"--checkpoint {checkpoint}: the {config.method.name} model has no speech "
+                     "encoder")
+  return encoder
 
 
 def input_normalized(checkpoint: str) -> bool:
@@ -104,18 +97,21 @@ def _load_wavs(files: Sequence[str], normalize: bool) -> list[np.ndarray]:
   return [normalize_waveform(w) for w in wavs] if normalize else wavs
 
 
-def load_units_model(checkpoint: str):
-  """The whole model of a workdir whose method has discrete units (`model.units`)."""
+def load_units_context(checkpoint: str):
+  """The EvalContext of a workdir whose method predicts 'units' (`Method.predict_fns`)."""
+  from jaxspeech.eval.common import load_context
+
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
   if not is_workdir(checkpoint):
     raise ValueError(f"--units: {checkpoint} is not a jaxspeech workdir (an HF encoder folder has "
                      "no codebook)")
-  model, config = load_workdir_model(checkpoint)
-  if not hasattr(model, "units"):
-    raise ValueError(f"--units: the {config.method.name} model of {checkpoint} has no codebook "
-                     "units (use a Spin workdir)")
-  return model
+  ctx = load_context(checkpoint)
+  if "units" not in ctx.predict:
+    raise ValueError(f"--units: the {ctx.method.name} model of {checkpoint} has no discrete units "
+                     f"(its predictions are {sorted(ctx.predict)}; use e.g. a Spin or DinoSR "
+                     "workdir)")
+  return ctx
 
 
 def _batches(wavs, batch_size: int, min_samples: int):
@@ -142,23 +138,26 @@ def _stems(files: Sequence[str]) -> list[str]:
 
 
 def extract_units(
-  model, files: Sequence[str], batch_size: int = 8, normalize: bool = True
+  units_fn,
+  files: Sequence[str],
+  batch_size: int = 8,
+  normalize: bool = True,
+  layer: int | None = None,
 ) -> dict[str, np.ndarray]:
-  """Returns {"<stem>": [T] int32 codeword ids} for every file (`model.units`); `normalize`: feed
-  each file normalised (`normalize_waveform`), as the workdir's model was trained."""
+  """Returns {"<stem>": [T] int32 unit ids} for every file: `units_fn(wav, mask, layer)` (a
+  method's 'units' prediction; `layer` None = the method's default). `normalize`: feed each file
+  normalised (`normalize_waveform`), as the workdir's model was trained."""
   stems = _stems(files)
   wavs = _load_wavs(files, normalize)
-  cfg = model.encoder.config
-  run = jax.jit(model.units)
+  run = jax.jit(lambda w, m: units_fn(w, m) if layer is None else units_fn(w, m, layer))
   result = {}
-  for idx, wav, mask in _batches(wavs, batch_size, sum(cfg.conv_kernel)):
-    units, _ = run(wav, mask)
-    units = np.asarray(units)
+  for idx, wav, mask in _batches(wavs, batch_size, BUCKET):
+    units, frame_mask = run(wav, mask)
+    units, frames = np.asarray(units), np.asarray(frame_mask).sum(-1)
     for r, i in enumerate(idx):
-      t = cfg.num_frames(len(wavs[i]))
-      if t < 1:
+      if frames[r] < 1:
         raise AudioError(f"{files[i]}: too short for one frame ({len(wavs[i])} samples)")
-      result[stems[i]] = units[r, :t].astype(np.int32)
+      result[stems[i]] = units[r, : frames[r]].astype(np.int32)
   return result
 
 
@@ -196,14 +195,23 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--checkpoint", required=True, help="HF checkpoint directory or jaxspeech workdir")
   p.add_argument("--audio", nargs="+", required=True, help="audio files (any soundfile format)")
   p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
-  p.add_argument("--units", action="store_true", help="per-frame codeword ids (Spin workdir)")
+  p.add_argument("--units", action="store_true",
+                 help="per-frame unit ids (a workdir whose method predicts units: Spin, DinoSR)")
   p.add_argument("--out", required=True, help="output .npz (or .txt with --units)")
   p.add_argument("--batch-size", type=int, default=8)
   args = p.parse_args(argv)
   try:
     if args.units:
-      feats = extract_units(load_units_model(args.checkpoint), args.audio, args.batch_size,
-                            normalize=True)  # a workdir (load_units_model checks)
+      ctx = load_units_context(args.checkpoint)
+      layer = None
+      if args.layers != "all":  # one layer: e.g. DinoSR has units per target layer
+        encoder = ctx.method.encoder(ctx.model)
+        layers = parse_layers(args.layers, encoder.config.num_hidden_layers)
+        if len(layers) != 1:
+          raise ValueError(f"--units takes one layer, got --layers {args.layers}")
+        layer = layers[0]
+      feats = extract_units(ctx.predict["units"], args.audio, args.batch_size, normalize=True,
+                            layer=layer)  # a workdir's model: normalised input, as in training
     else:
       model = load_model(args.checkpoint)
       layers = parse_layers(args.layers, model.config.num_hidden_layers)

@@ -1,6 +1,6 @@
 """`python -m jaxspeech.evaluate` on a small synthetic corpus: every task from the MFCC baseline,
-a jaxspeech DinoSR workdir (k-means and its own codebook) and an HF checkpoint directory, plus the
-error cases (exit code 1 with a message naming the problem)."""
+a jaxspeech DinoSR workdir (k-means and its own codebook units), a Spin workdir (its units) and an
+HF checkpoint directory, plus the error cases (exit code 1 with a message naming the problem)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from jaxspeech import evaluate
+from jaxspeech.eval import common
+from jaxspeech.eval import units as units_lib
 
 SMALL_MODEL = {
   'hidden_size': 32, 'num_hidden_layers': 2, 'num_attention_heads': 2, 'intermediate_size': 64,
@@ -124,20 +126,24 @@ def test_workdir_every_task_and_codebook(corpus, workdir, capsys):
   assert rc == 0, err
   assert 0.0 <= json.loads(out)['accuracy'] <= 1.0
   # The codebooks are the trained ones (counts start at 1; used codewords' counts moved).
-  counts = np.asarray(evaluate.load_checkpoint(workdir, True).codebooks.counts)  # [K, V]
-  assert counts.shape == (2, 16) and (counts != 1.0).any() and (counts == 1.0).any()
-  # --codebook: the transformer is the EMA teacher's (the codebooks' source), else the student's.
   from flax import nnx
 
+  from jaxspeech.methods import dinosr
   from jaxspeech.train.checkpoint import load_workdir_model
-  _, _, _, setup = load_workdir_model(workdir)
-  teacher = evaluate._restore_extra(workdir, setup.abstract_state)['teacher']
-  with_cb = evaluate.load_checkpoint(workdir, True).encoder.encoder
-  plain = evaluate.load_checkpoint(workdir, False).encoder.encoder
+
+  ctx = common.load_context(workdir)
+  counts = np.asarray(dinosr.stacked_codebooks(ctx.extra['codebooks']).counts)  # [K, V]
+  assert counts.shape == (2, 16) and (counts != 1.0).any() and (counts == 1.0).any()
+  # 'units' run the EMA teacher's transformer (the codebooks' source); the model and its
+  # 'features' stay the student's, the checkpoint's parameters.
+  teacher = ctx.extra['teacher']
   flat = lambda m: jax.tree.leaves(nnx.to_pure_dict(nnx.state(m, nnx.Param)))
-  np.testing.assert_array_equal(flat(with_cb)[0], jax.tree.leaves(teacher)[0])
-  assert any(not np.array_equal(a, b) for a, b in zip(flat(with_cb), flat(plain)))
+  with_cb = dinosr.teacher_encoder(ctx.model, teacher).encoder
+  student = ctx.model.encoder.encoder
+  _, saved, _, _ = load_workdir_model(workdir)
   assert all(np.array_equal(a, b) for a, b in zip(flat(with_cb), jax.tree.leaves(teacher)))
+  assert any(not np.array_equal(a, b) for a, b in zip(flat(with_cb), flat(student)))
+  assert all(np.array_equal(a, b) for a, b in zip(flat(student), flat(saved.encoder.encoder)))
   # Layer 0 (the transformer input) has no codebook.
   rc, _, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'units',
                        '--layer', '0', '--codebook')
@@ -161,11 +167,10 @@ def test_hf_checkpoint_dir(corpus, tmp_path, capsys):
   assert rc == 1 and 'codebook' in err
 
 
-def _gain_offset_gap(extractor, layer):
-  """max |features(3 w + 0.1) - features(w)| through `utterance_outputs` (the evaluate path)."""
+def _gain_offset_gap(ctx, layer):
+  """max |features(3 w + 0.1) - features(w)| through `layer_outputs` (the evaluate path)."""
   w = np.random.default_rng(0).uniform(-0.5, 0.5, 12000).astype(np.float32)  # [S]
-  a, b = evaluate.utterance_outputs(extractor, [w, 3.0 * w + 0.1],
-                                    lambda x, m: extractor.features(x, m, layer))
+  a, b = common.layer_outputs(ctx, [w, 3.0 * w + 0.1], layer)
   assert a.shape == b.shape and np.abs(a).max() > 0.1
   return float(np.abs(a - b).max())
 
@@ -187,17 +192,17 @@ def test_encoder_input_normalised_as_in_training(tmp_path):
   shutil.copytree(tmp_path / 'hf', tmp_path / 'hf_raw')
   with open(tmp_path / 'hf_raw' / 'preprocessor_config.json', 'w') as f:
     json.dump({'do_normalize': False}, f)
-  normed = evaluate.load_checkpoint(str(tmp_path / 'hf'))
-  raw = evaluate.load_checkpoint(str(tmp_path / 'hf_raw'))
-  assert normed.normalize and not raw.normalize and not evaluate.MfccFeatures().normalize
+  normed = common.load_context(str(tmp_path / 'hf'))
+  raw = common.load_context(str(tmp_path / 'hf_raw'))
+  assert normed.normalize and not raw.normalize and not common.load_context('mfcc').normalize
   assert _gain_offset_gap(normed, 2) <= 1e-5
   assert _gain_offset_gap(raw, 2) > 1e-2
 
 
 def test_workdir_input_normalised(workdir):
-  extractor = evaluate.load_checkpoint(workdir)
-  assert extractor.normalize
-  assert _gain_offset_gap(extractor, extractor.num_layers) <= 1e-5
+  ctx = common.load_context(workdir)
+  assert ctx.normalize
+  assert _gain_offset_gap(ctx, common.num_layers(ctx)) <= 1e-5
 
 
 def test_errors(corpus, tmp_path, capsys):
@@ -262,19 +267,21 @@ def test_units_fit_split(split_corpus, capsys):
   """`--fit_split train`: k-means fitted on the training speakers' frames labels the held-out
   ones (fairseq's protocol); fitting on the evaluated rows themselves is the default."""
   from jaxspeech.audio import load_audio
+  from jaxspeech.models.speech_encoder import EncoderConfig
 
-  rows = evaluate.load_rows(split_corpus, 'test', need_alignment=True)
+  rows = common.load_rows(split_corpus, 'test', need_alignment=True)
   wavs = [load_audio(r['path']) for r in rows]
-  x = evaluate.load_checkpoint('mfcc')
-  transductive = evaluate.task_units(x, wavs, rows, 0, 12, False)
+  x = common.load_context('mfcc')
+  transductive = units_lib.evaluate_units(x, wavs, rows, 0, 12)
   # Fitting on exactly the evaluated utterances is the default path, number for number.
-  assert evaluate.task_units(x, wavs, rows, 0, 12, False, fit_wavs=wavs) == transductive
-  train_wavs = [load_audio(r['path']) for r in evaluate.load_rows(split_corpus, 'train', False)]
-  inductive, units = evaluate.task_units(x, wavs, rows, 0, 12, False, fit_wavs=train_wavs,
-                                         return_units=True)
+  assert units_lib.evaluate_units(x, wavs, rows, 0, 12, fit_wavs=wavs) == transductive
+  train_wavs = [load_audio(r['path']) for r in common.load_rows(split_corpus, 'train')]
+  inductive, units = units_lib.evaluate_units(x, wavs, rows, 0, 12, fit_wavs=train_wavs,
+                                              return_units=True)
   check_units(inductive)
   assert inductive['pnmi'] != transductive['pnmi']
-  assert [len(u) for u in units] == [x.frames_of(len(w)) for w in wavs]
+  mfcc_frames = EncoderConfig.preset('tiny').num_frames  # 20 ms hop, 25 ms window
+  assert [len(u) for u in units] == [mfcc_frames(len(w)) for w in wavs]
 
   rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task',
                        'units', '--k', '12', '--split', 'test', '--fit_split', 'train')
@@ -285,3 +292,105 @@ def test_units_fit_split(split_corpus, capsys):
   rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task', 'abx',
                        '--fit_split', 'train')
   assert rc == 1 and '--fit_split' in err
+
+
+@pytest.fixture(scope='module')
+def spin_workdir(tmp_path_factory):
+  from tests.test_extract_units import make_spin_workdir
+
+  return make_spin_workdir(tmp_path_factory.mktemp('spin_wd'))[0]
+
+
+def test_spin_units(corpus, spin_workdir, capsys):
+  """`--units` (alias `--codebook`) scores Spin's own units: `SpinModel.units` of every
+  normalised utterance, computed here one utterance at a time."""
+  from jaxspeech.audio import load_audio, normalize_waveform
+  from jaxspeech.train.checkpoint import load_workdir_model
+
+  rc, out, err = run_cli(capsys, '--checkpoint', spin_workdir, '--manifest', corpus, '--task',
+                         'units', '--units')
+  assert rc == 0, err
+  got = json.loads(out)
+  check_units(got)
+  _, model, _, _ = load_workdir_model(spin_workdir)
+  units_fn = jax.jit(model.units)
+  rows = common.load_rows(corpus, need_alignment=True)
+  units = []
+  for r in rows:
+    w = normalize_waveform(load_audio(r['path']))
+    s = -(-len(w) // 16000) * 16000  # whole seconds, as evaluate pads (exact in the encoder)
+    wav, mask = np.zeros((1, s), np.float32), np.zeros((1, s), bool)
+    wav[0, :len(w)], mask[0, :len(w)] = w, True
+    ids, frame_mask = units_fn(wav, mask)
+    units.append(np.asarray(ids)[0, :int(np.sum(frame_mask))])
+  assert got == units_lib.score_units(units, rows)
+  rc, out2, err = run_cli(capsys, '--checkpoint', spin_workdir, '--manifest', corpus, '--task',
+                          'units', '--codebook')  # the old flag
+  assert rc == 0 and json.loads(out2) == got
+  # Spin's units come from its last layer only.
+  rc, _, err = run_cli(capsys, '--checkpoint', spin_workdir, '--manifest', corpus, '--task',
+                       'units', '--units', '--layer', '1')
+  assert rc == 1 and 'last layer' in err
+
+
+def test_dinosr_units_extract_equals_evaluate(corpus, workdir, tmp_path, capsys):
+  """`jaxspeech.extract --units --layers L` gives the units `evaluate --task units --units
+  --layer L` scores (both the method's 'units' prediction)."""
+  from jaxspeech import extract
+
+  rows = common.load_rows(corpus, need_alignment=True)
+  out = tmp_path / 'u.npz'
+  assert extract.main(['--checkpoint', workdir, '--audio', *[r['path'] for r in rows], '--units',
+                       '--layers', '1', '--out', str(out)]) == 0
+  capsys.readouterr()
+  ids = np.load(out)
+  units = [ids[os.path.splitext(os.path.basename(r['path']))[0]] for r in rows]
+  rc, res, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'units',
+                         '--units', '--layer', '1')
+  assert rc == 0, err
+  assert json.loads(res) == units_lib.score_units(units, rows)
+  # DinoSR's units need a target layer: all layers at once is an error.
+  assert extract.main(['--checkpoint', workdir, '--audio', rows[0]['path'], '--units',
+                       '--out', str(tmp_path / 'all.npz')]) == 1
+  assert 'no codebook' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('target_output', ['ffn', 'block'])
+def test_dinosr_predicted_units_are_the_training_targets(target_output):
+  """DinoSR's 'units' prediction of a target layer equals the targets the loss assigns to that
+  layer (teacher on unmasked input, FFN or block outputs, instance norm, nearest codeword), with
+  a teacher that differs from the student; its 'features' stay the student's."""
+  import jax.numpy as jnp
+
+  from jaxspeech.methods import dinosr
+  from jaxspeech.models.encoders import layer_features
+  from tests.methods.test_dinosr import batch, small_config
+
+  method = dinosr.DinosrPretraining(small_config(target_output=target_output))
+  model, extra = method.init(jax.random.key(0))
+  teacher = jax.tree.map(lambda w: w + 0.05 * jnp.sin(jnp.arange(w.size).reshape(w.shape) + 1.0),
+                         extra['teacher'])  # a teacher != the student
+  extra = {**extra, 'teacher': teacher}
+  b = batch()
+  x, _, frame_mask = model.encoder.embed(b['audio'], b['audio_mask'])
+  outs = dinosr.run_teacher(model, teacher, x, frame_mask, method.num_layers, target_output)
+  targets = dinosr.dinosr_targets(outs, frame_mask, method.k)  # [K, B, T, D]
+  codes, _ = dinosr.assign_and_update(extra['codebooks'], targets, frame_mask, 0.9)  # [K, B, T]
+  predict = method.predict_fns(model, extra)
+  valid = np.asarray(frame_mask)
+  first = method.num_layers - method.k + 1
+  for i, layer in enumerate(range(first, method.num_layers + 1)):
+    ids, fmask = jax.jit(lambda w, m, layer=layer: predict['units'](w, m, layer))(
+      b['audio'], b['audio_mask'])
+    np.testing.assert_array_equal(np.asarray(fmask), valid)
+    np.testing.assert_array_equal(np.asarray(ids)[valid], np.asarray(codes[i])[valid])
+  with pytest.raises(ValueError, match=f'the target layers are {first}..{method.num_layers}'):
+    predict['units'](b['audio'], b['audio_mask'], first - 1)
+  with pytest.raises(ValueError, match='no codebook'):
+    predict['units'](b['audio'], b['audio_mask'])  # no layer
+  feats, _ = predict['features'](b['audio'], b['audio_mask'], method.num_layers)
+  ref, _ = layer_features(model.encoder, b['audio'], b['audio_mask'], method.num_layers)
+  np.testing.assert_array_equal(np.asarray(feats), np.asarray(ref))
+  teacher_feats, _ = layer_features(dinosr.teacher_encoder(model, teacher), b['audio'],
+                                    b['audio_mask'], method.num_layers)
+  assert np.abs(np.asarray(teacher_feats) - np.asarray(ref)).max() > 1e-3

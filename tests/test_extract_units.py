@@ -28,11 +28,9 @@ SMALL_MODEL = {
 }
 
 
-@pytest.fixture(scope='module')
-def spin_workdir(tmp_path_factory):
-  """A Spin workdir as the trainer writes it (config.json + Orbax checkpoint after 2 steps),
-  and the in-memory train state it holds."""
-  workdir = tmp_path_factory.mktemp('spin_run')
+def make_spin_workdir(workdir):
+  """A Spin workdir as the trainer writes it (config.json + Orbax checkpoint after 2 steps on
+  random audio): (its path, the train setup, the in-memory train state it holds)."""
   c = exp.get_config('tiny')
   for k, v in SMALL_MODEL.items():
     c.model[k] = v
@@ -58,6 +56,11 @@ def spin_workdir(tmp_path_factory):
   ckpt.close()
   host = jax.device_get(state)
   return str(workdir), setup, host
+
+
+@pytest.fixture(scope='module')
+def spin_workdir(tmp_path_factory):
+  return make_spin_workdir(tmp_path_factory.mktemp('spin_run'))
 
 
 @pytest.fixture(scope='module')
@@ -138,3 +141,18 @@ def test_units_need_a_codebook_model(spin_workdir, audio_files, tmp_path):
   rc = extract.main(['--checkpoint', str(hf_dir), '--audio', audio_files[0], '--units',
                      '--out', str(tmp_path / 'u.npz')])
   assert rc == 1 and not (tmp_path / 'u.npz').exists()
+
+
+def test_units_layer(spin_workdir, audio_files, tmp_path, capsys):
+  """`--units --layers L`: Spin's units come from its last layer; another layer is an error."""
+  workdir, _, _ = spin_workdir
+  out = tmp_path / 'last.npz'
+  assert extract.main(['--checkpoint', workdir, '--audio', audio_files[0], '--units', '--layers',
+                       '-1', '--out', str(out)]) == 0
+  assert extract.main(['--checkpoint', workdir, '--audio', audio_files[0], '--units',
+                       '--out', str(tmp_path / 'default.npz')]) == 0
+  np.testing.assert_array_equal(np.load(out)['a'], np.load(tmp_path / 'default.npz')['a'])
+  capsys.readouterr()
+  assert extract.main(['--checkpoint', workdir, '--audio', audio_files[0], '--units', '--layers',
+                       '1', '--out', str(tmp_path / 'l1.npz')]) == 1
+  assert 'last layer' in capsys.readouterr().err

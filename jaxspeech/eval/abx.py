@@ -18,6 +18,13 @@ fixed-size batches of pairs (one compilation).
 
 Scores: the error rate of every cell (context, speaker(s), a, b) is averaged over the cells of each
 ordered pair (a, b), then over the pairs; reported in percent (50 = chance).
+
+Evaluation task `abx` (`run`, `jaxspeech.eval.registry`): the ABX error of layer L's features
+(`Method.predict_fns` 'features') on the phone segments in context (triphones) of the rows'
+alignments, DTW on cosine distance, at most 5 items per cell: {"abx_within", "abx_across"}.
+
+    config.evals.abx = {task: 'abx', split: 'test', layer: 'last'}
+    python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task abx --layer L
 """
 
 from __future__ import annotations
@@ -233,3 +240,38 @@ def phone_segments(frame_labels: Sequence[Hashable]) -> list[tuple[int, int, Has
       start = t
   return [(s, e, y, (runs[k - 1][2], runs[k + 1][2]))
           for k, (s, e, y) in enumerate(runs) if 0 < k < len(runs) - 1]
+
+
+def evaluate_abx(ctx, wavs, rows, layer: int, max_items_per_cell: int = 5,
+                 seed: int = 0) -> dict[str, float]:
+  """ABX error of layer `layer`'s features of the utterances `wavs` of `rows` (with alignments
+  and speakers): {"abx_within", "abx_across"}."""
+  from jaxspeech.eval.common import frame_phone_labels, layer_outputs
+  from jaxspeech.eval.registry import EvalError
+
+  feats = layer_outputs(ctx, wavs, layer)
+  labels = frame_phone_labels(rows, [len(f) for f in feats])
+  items, ys, ctxs, spk = [], [], [], []
+  for f, lab, row in zip(feats, labels, rows):
+    for s, e, y, c in phone_segments(lab.tolist()):
+      if y < 0 or min(c) < 0:
+        continue
+      items.append(np.asarray(f[s:e], np.float32))
+      ys.append(y)
+      ctxs.append(c)
+      spk.append(row["speaker"])
+  if not items:
+    raise EvalError("abx: no phone segment in context found in the manifest")
+  r = abx_error(items, ys, ctxs, spk, metric="cosine", max_frames=32,
+                max_items_per_cell=max_items_per_cell, seed=seed)
+  return {"abx_within": r["abx_within"], "abx_across": r["abx_across"]}
+
+
+def run(ctx, manifest: str = "", split: str = "", layer="last", seed: int = 0,
+        max_items_per_cell: int = 5) -> dict[str, float]:
+  """The `abx` task on the rows of `manifest` (default: the run's manifest) of `split`."""
+  from jaxspeech.eval import common
+
+  rows = common.task_rows(ctx, manifest, split, need_alignment=True)
+  li = common.layer_index(ctx, layer)
+  return evaluate_abx(ctx, common.load_wavs(rows), rows, li, int(max_items_per_cell), int(seed))

@@ -9,12 +9,12 @@ spaces included, as jiwer.cer counts them) or phones (PER: the space-separated p
     python -m jaxspeech.evaluate --task ctc --checkpoint DIR --manifest M [--split test]
 
 `evaluate_ctc(workdir, manifest)` -> {"per": ...} for a phone model, {"wer": ..., "cer": ...} for
-a character model (the unit is the training config's `method.unit`).
+a character model (the unit is the training config's `method.unit`): the `ctc` evaluation task
+(`jaxspeech.eval.ctc`) on a workdir.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,82 +68,62 @@ def per(refs: Sequence[str], hyps: Sequence[str]) -> float:
 # Evaluating a CTC checkpoint.
 
 
-def load_ctc_workdir(workdir: str):
-  """(method, model) of a CTC training workdir: its config.json and latest parameters."""
-  from jaxspeech.methods.ctc import CtcFinetuning
-  from jaxspeech.train.checkpoint import load_workdir_model
-
-  def make_method(config):
-    if config.method.name not in ('ctc', 'parp'):
-      raise ValueError(f'{workdir}: method {config.method.name!r} is not a CTC model')
-    return CtcFinetuning(config)
-
-  method, model, _, _ = load_workdir_model(workdir, make_method)
-  return method, model
-
-
-def transcribe(method, model, wavs: Sequence[np.ndarray], batch_size: int = 8,
-               bucket: int = 16000) -> list[list[str]]:
-  """Greedy CTC transcription of 16 kHz waveforms (normalised like the training pipeline):
-  one token list per utterance. Utterances are length-sorted and padded to whole `bucket`s."""
+def transcribe(ctx, wavs: Sequence[np.ndarray], batch_size: int = 8) -> list[list[str]]:
+  """Greedy CTC transcription (best path: per-frame argmax, repeats collapsed, blanks dropped)
+  of 16 kHz waveforms with `ctx.predict['logits']`: one token list per utterance."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
+  from jaxspeech.eval.common import utterance_outputs
   from jaxspeech.methods.ctc import greedy_decode
 
-  graphdef, state = nnx.split(model)
+  logits = ctx.need('logits')
 
   @jax.jit
-  def best_path(state, wav, mask):
-    m = nnx.merge(graphdef, state)
-    logits, frame_mask = m(wav, mask)
-    return jnp.argmax(logits, axis=-1), frame_mask  # [B, T]
+  def best_path(wav, mask):
+    x, frame_mask = logits(wav, mask)  # [B, T, V], [B, T]
+    return jnp.argmax(x, axis=-1), frame_mask  # [B, T]
 
-  out: list[list[str] | None] = [None] * len(wavs)
-  order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    s = max(-(-max(len(wavs[i]) for i in idx) // bucket) * bucket, bucket)
-    wav = np.zeros((batch_size, s), np.float32)
-    mask = np.zeros((batch_size, s), bool)
-    for r, i in enumerate(idx):
-      w = np.asarray(wavs[i], np.float32)
-      wav[r, :len(w)] = (w - w.mean()) / np.sqrt(w.var() + 1e-7)  # as the pipeline normalises
-      mask[r, :len(w)] = True
-    ids, fmask = best_path(state, jnp.asarray(wav), jnp.asarray(mask))
-    seqs = greedy_decode(np.asarray(ids), np.asarray(fmask))
-    for r, i in enumerate(idx):
-      out[i] = method.vocab.decode(seqs[r])
-  return out  # type: ignore[return-value]
+  ids = utterance_outputs(wavs, best_path, normalize=ctx.normalize, batch_size=batch_size)
+  vocab = ctx.method.vocab
+  return [vocab.decode(greedy_decode(i[None], np.ones((1, len(i)), bool))[0]) for i in ids]
+
+
+def ctc_error_rates(ctx, manifest: str = '', split: str = '',
+                    batch_size: int = 8) -> dict[str, float]:
+  """The `ctc` evaluation task (`jaxspeech.eval.ctc`): greedy decoding of `ctx.predict['logits']`
+  with `ctx.method.vocab` on the rows of `manifest` (default: the run's manifest) of `split`
+  that have a reference; {"per"} (phone model) or {"wer", "cer"} (character model)."""
+  from jaxspeech.eval import common
+  from jaxspeech.eval.registry import EvalError
+  from jaxspeech.methods.ctc import reference_tokens
+
+  ctx.need('logits')
+  unit, vocab = getattr(ctx.method, 'unit', None), getattr(ctx.method, 'vocab', None)
+  if unit is None or vocab is None:
+    raise EvalError(f'ctc: the {ctx.method.name} method has no output vocabulary (method.vocab, '
+                    'method.unit)')
+  rows = common.task_rows(ctx, manifest, split, need_alignment=False)
+  rows = [r for r in rows if reference_tokens(r, unit)]
+  if not rows:
+    field = 'phones' if unit == 'phone' else 'text'
+    raise EvalError(f'ctc: no row with a {field} reference'
+                    + (f' in split {split!r}' if split else ''))
+  hyps = transcribe(ctx, common.load_wavs(rows), int(batch_size))
+  refs = [reference_tokens(r, unit) for r in rows]
+  if unit == 'phone':
+    return {'per': error_rate(refs, hyps)}
+  ref_txt = [vocab.to_text(r) for r in refs]
+  hyp_txt = [vocab.to_text(h) for h in hyps]
+  return {'wer': wer(ref_txt, hyp_txt), 'cer': cer(ref_txt, hyp_txt)}
 
 
 def evaluate_ctc(checkpoint: str, manifest: str, split: str = '',
                  batch_size: int = 8) -> dict[str, float]:
   """PER (phone model) or WER + CER (character model) of greedy CTC decoding of a training
-  workdir on the rows of `manifest` (only those of `split` when given)."""
-  from data_pipelines.manifest import read_manifest
-  from jaxspeech.audio import load_audio, normalize_waveform
-  from jaxspeech.methods.ctc import reference_tokens
+  workdir on the rows of `manifest` (only those of `split` when given): the `ctc` evaluation
+  task (`ctc_error_rates`) on the workdir's context, as `python -m jaxspeech.evaluate
+  --task ctc` runs it."""
+  from jaxspeech.eval.common import load_context
 
-  if not os.path.exists(manifest):
-    raise FileNotFoundError(f'--manifest {manifest}: no such file')
-  rows = read_manifest(manifest)
-  if split:
-    rows = [r for r in rows if r.get('split') == split]
-  method, model = load_ctc_workdir(checkpoint)
-  unit = method.unit
-  rows = [r for r in rows if reference_tokens(r, unit)]
-  if not rows:
-    field = 'phones' if unit == 'phone' else 'text'
-    raise ValueError(f'--manifest {manifest}: no row with a {field} reference'
-                     + (f' in split {split!r}' if split else ''))
-  # Per-utterance zero mean / unit variance, as the training pipeline feeds the model.
-  wavs = [normalize_waveform(load_audio(r['path'])) for r in rows]
-  hyps = transcribe(method, model, wavs, batch_size)
-  refs = [reference_tokens(r, unit) for r in rows]
-  if unit == 'phone':
-    return {'per': error_rate(refs, hyps)}
-  ref_txt = [method.vocab.to_text(r) for r in refs]
-  hyp_txt = [method.vocab.to_text(h) for h in hyps]
-  return {'wer': wer(ref_txt, hyp_txt), 'cer': cer(ref_txt, hyp_txt)}
+  return ctc_error_rates(load_context(checkpoint), manifest, split, batch_size)

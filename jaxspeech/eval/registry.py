@@ -32,13 +32,16 @@ class EvalError(Exception):
 @dataclasses.dataclass
 class EvalContext:
   """What a task sees: the run's config and method, the model + extra state, and the method's
-  prediction functions (`Method.predict_fns`)."""
+  prediction functions (`Method.predict_fns`). `normalize`: the audio predictions take every
+  utterance normalised to zero mean / unit variance before padding (what the training pipeline
+  feeds); False for raw waveforms (the MFCC baseline, HF folders with `do_normalize: false`)."""
 
   config: Any
   method: Any
   model: Any
   extra: PyTree
   predict: dict[str, Callable]
+  normalize: bool = True
 
   def need(self, kind: str) -> Callable:
     if kind not in self.predict:

@@ -6,6 +6,12 @@ Shape legend: B utterances, T frames, D width, S speakers.
 Protocol: mean-pool each utterance's valid frames, standardise with the training utterances'
 mean/std, train a linear softmax classifier (full batch, Adam, a little weight decay) on some
 utterances of each speaker, report accuracy on held-out utterances of the same speakers.
+
+Evaluation task `speaker_probe` (`run`, `jaxspeech.eval.registry`): the probe on the utterance
+means of layer L's features (`Method.predict_fns` 'features'): {"accuracy"}.
+
+    config.evals.speaker = {task: 'speaker_probe', split: 'test', layer: 'last'}
+    python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task speaker_probe --layer L
 """
 
 from __future__ import annotations
@@ -98,3 +104,29 @@ def speaker_probe(
     "chance": 1.0 / len(classes),
     "final_loss": float(losses[-1]),
   }
+
+
+def evaluate_speaker_probe(ctx, wavs, rows, layer: int, seed: int = 0) -> dict[str, float]:
+  """Speaker-probe accuracy on the utterance means of layer `layer`'s features of the utterances
+  `wavs` of `rows` (with speakers): {"accuracy"}."""
+  from jaxspeech.eval.common import layer_outputs
+  from jaxspeech.eval.registry import EvalError
+
+  feats = layer_outputs(ctx, wavs, layer)
+  x = np.stack([f.astype(np.float32).mean(0) for f in feats])  # [B, D] utterance means
+  speakers = np.array([r["speaker"] for r in rows])
+  train, test = split_by_speaker(speakers, seed=seed)
+  if len(test) == 0 or len(np.unique(speakers)) < 2:
+    raise EvalError("speaker_probe: need at least 2 speakers with 2+ utterances each")
+  r = speaker_probe(x[train], speakers[train], x[test], speakers[test], seed=seed)
+  return {"accuracy": r["accuracy"]}
+
+
+def run(ctx, manifest: str = "", split: str = "", layer="last", seed: int = 0) -> dict[str, float]:
+  """The `speaker_probe` task on the rows of `manifest` (default: the run's manifest) of
+  `split`."""
+  from jaxspeech.eval import common
+
+  rows = common.task_rows(ctx, manifest, split, need_alignment=False)
+  li = common.layer_index(ctx, layer)
+  return evaluate_speaker_probe(ctx, common.load_wavs(rows), rows, li, int(seed))

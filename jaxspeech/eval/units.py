@@ -16,6 +16,17 @@ determine the speaker): a unit-level speaker measure that does not saturate like
 
 Labels may be any hashable values (ints, strings); numpy is enough here (the statistics are a
 single pass over the frames).
+
+Evaluation task `units` (`run`, `jaxspeech.eval.registry`): units of layer L -- k-means
+(`jaxspeech.ops.kmeans`, K clusters, 50 Lloyd iterations from k-means++, on the raw features as
+HuBERT's recipe; `standardize` z-scores them first) fitted on the evaluated frames or on the
+frames of another split (`fit_split`: fairseq fits k-means on training data and labels held-out
+sets with it), or with `units=True` the model's own units (`Method.predict_fns` 'units': Spin's
+codebook, DinoSR's codebook of layer L) -- scored against 50 Hz frame phone labels:
+{"pnmi", "phone_purity", "cluster_purity"}, plus "speaker_nmi" given >= 2 speakers.
+
+    config.evals.units = {task: 'units', split: 'test', layer: 'last', k: 50}
+    python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task units --layer L --k K
 """
 
 from __future__ import annotations
@@ -105,3 +116,105 @@ def speaker_nmi(speakers, units, mask=None) -> float:
   if len(values) < 2:
     raise ValueError(f"speaker_nmi needs frames of at least 2 speakers, got {len(values)}")
   return scores_from_counts(counts)["pnmi"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation task.
+
+
+def score_units(units, rows) -> dict[str, float]:
+  """Per-utterance unit arrays `[T_i]` of `rows` (with alignments) scored against their frame
+  phones: {"pnmi", "phone_purity", "cluster_purity"}, plus "speaker_nmi" when the rows hold >= 2
+  speakers."""
+  from jaxspeech.eval.common import frame_phone_labels
+
+  labels = frame_phone_labels(rows, [len(u) for u in units])
+  y, u = np.concatenate(labels), np.concatenate(units)
+  r = unit_quality(y, u, y >= 0)
+  out = {"pnmi": r["pnmi"], "phone_purity": r["phone_purity"],
+         "cluster_purity": r["cluster_purity"]}
+  speakers = np.concatenate([[row.get("speaker", "")] * len(v) for row, v in zip(rows, units)])
+  if len(set(speakers.tolist())) >= 2:
+    out["speaker_nmi"] = speaker_nmi(speakers, u)
+  return out
+
+
+def kmeans_units(ctx, wavs, layer: int, k: int, seed: int = 0, kmeans_iters: int = 50,
+                 standardize: bool = False, fit_wavs=None) -> list[np.ndarray]:
+  """k-means units of layer `layer`'s features (`ctx.predict['features']`), one `[T_i]` array
+  per utterance of `wavs`. k-means runs on the raw features, as HuBERT's recipe (fairseq
+  `learn_kmeans.py`); `standardize` z-scores every dimension first (statistics of the fitted
+  frames). It is fitted on the frames of `fit_wavs` when given (e.g. the training speakers), else
+  on the evaluated frames themselves; the evaluated frames get their nearest centroid."""
+  import jax
+  import jax.numpy as jnp
+
+  from jaxspeech.eval.common import features_fn, utterance_outputs
+  from jaxspeech.eval.registry import EvalError
+  from jaxspeech.ops import kmeans
+
+  fn = features_fn(ctx, layer)
+  feats = utterance_outputs(wavs, fn, normalize=ctx.normalize)
+  x = np.concatenate(feats).astype(np.float32)
+  x_fit = x if fit_wavs is None else np.concatenate(
+    utterance_outputs(fit_wavs, fn, normalize=ctx.normalize)).astype(np.float32)
+  if len(x_fit) < k:
+    raise EvalError(f"--k {k}: only {len(x_fit)} frames to cluster")
+  if standardize:
+    mean, std = x_fit.mean(0), x_fit.std(0) + 1e-5
+    x, x_fit = (x - mean) / std, (x_fit - mean) / std
+  fit = jax.jit(kmeans.kmeans_fit, static_argnums=(2, 3))
+  centroids, _ = fit(jnp.asarray(x_fit), None, k, kmeans_iters, jax.random.key(seed))
+  ids = np.asarray(kmeans.kmeans_assign(jnp.asarray(x), centroids)[0])
+  return np.split(ids, np.cumsum([len(f) for f in feats])[:-1])
+
+
+def predicted_units(ctx, wavs, layer: int) -> list[np.ndarray]:
+  """The model's own units of layer `layer` (`ctx.predict['units']`), one `[T_i]` array per
+  utterance."""
+  import jax
+
+  from jaxspeech.eval.common import utterance_outputs
+  from jaxspeech.eval.registry import EvalError
+
+  if "units" not in ctx.predict:
+    raise EvalError(f"--units: the {ctx.method.name} model has no discrete units (no codebook; "
+                    f"its predictions are {sorted(ctx.predict)})")
+  units = ctx.predict["units"]
+  try:
+    return utterance_outputs(wavs, jax.jit(lambda w, m: units(w, m, layer)),
+                             normalize=ctx.normalize)
+  except ValueError as e:  # e.g. a layer without a codebook
+    raise EvalError(f"--units: {e}") from None
+
+
+def evaluate_units(ctx, wavs, rows, layer: int, k: int = 50, use_units: bool = False,
+                   seed: int = 0, kmeans_iters: int = 50, standardize: bool = False,
+                   fit_wavs=None, return_units: bool = False):
+  """`score_units` of the k-means units (`kmeans_units`) or, with `use_units`, the model's own
+  units (`predicted_units`) of the utterances `wavs` of `rows`. With `return_units`, also the
+  per-utterance unit arrays."""
+  if use_units:
+    units = predicted_units(ctx, wavs, layer)
+  else:
+    units = kmeans_units(ctx, wavs, layer, k, seed, kmeans_iters, standardize, fit_wavs)
+  out = score_units(units, rows)
+  return (out, units) if return_units else out
+
+
+def run(ctx, manifest: str = "", split: str = "", layer="last", k: int = 50, units: bool = False,
+        seed: int = 0, standardize: bool = False, fit_split: str = "",
+        kmeans_iters: int = 50) -> dict[str, float]:
+  """The `units` task on the rows of `manifest` (default: the run's manifest) of `split`."""
+  from jaxspeech.eval import common
+  from jaxspeech.eval.registry import EvalError
+
+  if fit_split and units:
+    raise EvalError("--fit_split only applies to k-means units (not --units)")
+  rows = common.task_rows(ctx, manifest, split, need_alignment=True)
+  li = common.layer_index(ctx, layer)
+  wavs = common.load_wavs(rows)
+  fit_wavs = (common.load_wavs(common.task_rows(ctx, manifest, fit_split, False))
+              if fit_split else None)
+  return evaluate_units(ctx, wavs, rows, li, int(k), bool(units), int(seed), int(kmeans_iters),
+                        bool(standardize), fit_wavs)

@@ -5,10 +5,16 @@ no torch needed), a sharded `model.safetensors.index.json`, or `pytorch_model.bi
 Every checkpoint key must map to an encoder parameter and every encoder parameter must be found;
 otherwise `CheckpointError` lists the offending keys. Heads of task models (e.g. `lm_head` of
 `*ForCTC`) are not part of the encoder: skip them with `ignore=`.
+
+HF checkpoints are per layer; an encoder with `scan_layers=True` holds its blocks stacked. Loading
+converts with `stack_layers` and saving with `unstack_layers`, so either layout reads and writes
+the same HF files. The jaxspeech-only scale fields (`RUNTIME_FIELDS`) are never read from or
+written to an HF `config.json`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,13 +24,23 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
+from jaxspeech.models.speech_encoder import (
+  EncoderConfig,
+  SpeechEncoder,
+  stack_layers,
+  to_layer_layout,
+)
 
 _PREFIXES = ("wav2vec2.", "hubert.", "wavlm.")
 TASK_HEADS = (
   r"^(lm_head|projector|classifier|quantizer|project_q|project_hid|final_proj|"
   r"label_embs_concat|dropout|tdnn|feature_extractor_head|objective)\b"
 )
+
+
+# EncoderConfig fields that choose how jaxspeech runs a model, not what the model is (HF 5.x
+# configs also carry a `dtype` key of their own, which must not become the compute dtype).
+RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
 class CheckpointError(ValueError):
@@ -52,14 +68,14 @@ def config_from_hf(d: dict) -> EncoderConfig:
     raise NotImplementedError(
       f"config.json: position_embeddings_type={d['position_embeddings_type']!r} (only conv)"
     )
-  fields = {f for f in EncoderConfig.__dataclass_fields__ if f != "dtype"}
+  fields = {f for f in EncoderConfig.__dataclass_fields__ if f not in RUNTIME_FIELDS}
   kw = {k: d[k] for k in fields if k in d}
   kw["model_type"] = mt
   return EncoderConfig(**kw)
 
 
 def config_to_hf(cfg: EncoderConfig) -> dict:
-  d = {k: v for k, v in cfg.to_dict().items() if k != "dtype"}
+  d = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
   d.update({k: list(v) for k, v in d.items() if isinstance(v, tuple)})
   d["num_feat_extract_layers"] = len(cfg.conv_dim)
   d["feat_extract_activation"] = "gelu"
@@ -214,10 +230,12 @@ def _flat_paths(tree, prefix=()) -> dict[str, object]:
 def convert_state_dict(
   sd: dict[str, np.ndarray], cfg: EncoderConfig, ignore: str | None = TASK_HEADS
 ) -> dict:
-  """HF state dict -> nested pure dict for `nnx.replace_by_pure_dict` on a SpeechEncoder."""
+  """HF state dict -> nested pure dict for `nnx.replace_by_pure_dict` on a SpeechEncoder of
+  `cfg` (float32 numpy leaves; stacked by `stack_layers` when `cfg.scan_layers`)."""
+  loop_cfg = dataclasses.replace(cfg, scan_layers=False)  # HF keys are per layer
   ref = _flat_paths(
     nnx.to_pure_dict(
-      nnx.state(nnx.eval_shape(lambda: SpeechEncoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+      nnx.state(nnx.eval_shape(lambda: SpeechEncoder(loop_cfg, rngs=nnx.Rngs(0))), nnx.Param)
     )
   )
   ign = re.compile(ignore) if ignore else None
@@ -256,7 +274,7 @@ def convert_state_dict(
     if bad_shape:
       msg.append(f"shape mismatches: {bad_shape}")
     raise CheckpointError("checkpoint does not match the encoder config; " + "; ".join(msg))
-  return out
+  return stack_layers(out) if cfg.scan_layers else out
 
 
 def load_hf_checkpoint(path: str | os.PathLike, ignore: str | None = TASK_HEADS):
@@ -282,24 +300,30 @@ def feature_extractor_normalizes(path: str | os.PathLike) -> bool:
 
 
 def load_encoder(path: str | os.PathLike, **config_overrides) -> SpeechEncoder:
-  """An HF checkpoint directory as a ready SpeechEncoder (e.g. dtype='bfloat16')."""
+  """An HF checkpoint directory as a ready SpeechEncoder, optionally with jaxspeech's scale
+  fields, e.g. `load_encoder(path, dtype='bfloat16', scan_layers=True)`. Parameters are cast to
+  `param_dtype`."""
   cfg, params = load_hf_checkpoint(path)
   if config_overrides:
-    import dataclasses
-
     cfg = dataclasses.replace(cfg, **config_overrides)
   model = nnx.eval_shape(lambda: SpeechEncoder(cfg, rngs=nnx.Rngs(0)))
   state = nnx.state(model, nnx.Param)
   if "masked_spec_embed" not in params:  # keep a deterministic init for the optional vector
     params["masked_spec_embed"] = np.zeros((cfg.hidden_size,), np.float32)
-  nnx.replace_by_pure_dict(state, jax.tree.map(np.asarray, params))
+  params = to_layer_layout(params, cfg.scan_layers)
+  want = nnx.to_pure_dict(state)  # ShapeDtypeStructs: the dtype each parameter is stored in
+  nnx.replace_by_pure_dict(
+    state, jax.tree.map(lambda ref, a: np.asarray(a, dtype=ref.dtype), want, params)
+  )
   nnx.update(model, state)
   return model
 
 
 def to_hf_state_dict(model: SpeechEncoder) -> dict[str, np.ndarray]:
-  """Encoder params -> HF base-model state dict (weight-norm stored as weight_g / weight_v)."""
-  flat = _flat_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  """Encoder params -> HF base-model state dict (weight-norm stored as weight_g / weight_v), from
+  either layer layout."""
+  params = to_layer_layout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), False)
+  flat = _flat_paths(params)
   out = {}
   for path, val in flat.items():
     a = np.asarray(val, dtype=np.float32)

@@ -54,7 +54,7 @@ Loading and prediction
 * `predict_fns(model, extra_state) -> {kind: fn}`: what `extract`, `evaluate` and the evaluators
   call, never `hasattr` or method names. Kinds and signatures (arrays in, arrays out, jit-able):
     'features' (wav [B, S], mask [B, S], layer: int) -> ([B, T, D] float32, frame_mask [B, T])
-    'units'    (wav [B, S], mask [B, S]) -> ([B, T] int32, frame_mask [B, T])
+    'units'    (wav [B, S], mask [B, S], layer: int | None = None) -> ([B, T] int32, frame_mask)
     'logits'   (wav [B, S], mask [B, S]) -> ([B, T, V] float32, frame_mask [B, T])  (CTC)
     'labels'   (batch: dict of the batch spec's fields) -> [B] int32  (classifiers)
     'samples'  (rng, n: int) -> [n, ...] float32  (generators)

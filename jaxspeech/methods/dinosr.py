@@ -36,6 +36,10 @@ Metrics: `acc_masked` (mean over layers of the head's accuracy at masked frames,
 used by this batch's targets of layer k, DinoSR's `target_ppl`), `pred_ppl` (perplexity of the
 heads' mean predicted distribution).
 
+Predictions (`predict_fns`): 'features' of the student's encoder; 'units' of a target layer, the
+loss's own assignment (`codebook_units_fn`: the teacher's transformer, instance norm, nearest
+codeword of that layer's codebook).
+
 Legend: B batch, S samples, T frames (50 Hz), D width, K target layers, V codewords per layer.
 """
 
@@ -116,6 +120,57 @@ def assign_and_update(codebooks: cb.CodebookState, targets: jax.Array, select: j
     return codes, cb.codebook_update(state, y, codes, select, decay)
 
   return jax.vmap(one)(codebooks, targets)
+
+
+def stacked_codebooks(codebooks) -> cb.CodebookState:
+  """`extra_state['codebooks']` as a CodebookState (a restored checkpoint may hold a dict or a
+  list of its two fields)."""
+  if isinstance(codebooks, cb.CodebookState):
+    return codebooks
+  if isinstance(codebooks, dict):
+    return cb.CodebookState(codebooks['sums'], codebooks['counts'])
+  return cb.CodebookState(*codebooks)
+
+
+def teacher_encoder(model: DinosrModel, teacher: dict) -> SpeechEncoder:
+  """A copy of the student's encoder with the EMA teacher's transformer (the student's CNN and
+  projection: the teacher's input in `loss_fn`); `model` itself is left as it is."""
+  graphdef, params, rest = nnx.split(model.encoder, nnx.Param, ...)
+  nnx.replace_by_pure_dict(params, {**nnx.to_pure_dict(params), 'encoder': teacher})
+  return nnx.merge(graphdef, params, rest, copy=True)  # new Variables: `model` stays the student
+
+
+def codebook_units_fn(encoder: SpeechEncoder, codebooks: cb.CodebookState, target_output: str):
+  """The 'units' prediction: `(wav [B, S], mask [B, S], layer) -> ([B, T] int32, frame_mask)`.
+
+  Frames get the unit the loss would give them at target layer `layer` (1-based block index,
+  among the top K = `codebooks`' leading dim): the layer's output of `encoder` (pass
+  `teacher_encoder`'s: the codebooks hold statistics of the teacher's outputs) on the unmasked
+  input -- its feed-forward output before the residual add (`target_output='ffn'`) or its block
+  output ('block', also for the last layer) -- instance-normalised over each utterance's valid
+  frames, then the nearest codeword of that layer's codebook.
+  """
+  num_layers = encoder.config.num_hidden_layers
+  first = num_layers - int(codebooks.counts.shape[0]) + 1
+
+  def units(wav, mask, layer=None):
+    if layer is None or not first <= layer <= num_layers:
+      raise ValueError(f'dinosr: layer {layer} has no codebook (the target layers are '
+                       f'{first}..{num_layers})')
+    i = layer - first
+    codebook = cb.CodebookState(codebooks.sums[i], codebooks.counts[i])  # [V, D], [V]
+    if target_output == 'ffn':
+      x, _, frame_mask = encoder.embed(wav, mask, deterministic=True)
+      _, _, ffn = encoder.encoder(x, frame_mask, num_layers=layer, return_ffn=True)
+      h = ffn[layer - 1]  # [B, T, D]
+    else:
+      out = encoder(wav, mask, num_layers=max(layer, 1))
+      h, frame_mask = out.hidden_states[layer], out.frame_mask
+    y = distillation.instance_norm_over_time(h, frame_mask)
+    ids, _ = cb.nearest_codeword(y, cb.codebook_embeddings(codebook))
+    return ids, frame_mask
+
+  return units
 
 
 def masked_prediction_loss(logits: jax.Array, codes: jax.Array,
@@ -262,6 +317,16 @@ class DinosrPretraining(Method):
     return distillation.ema_decay_schedule(step, float(m.ema_decay), float(m.ema_end_decay),
                                            int(m.ema_anneal_end_step),
                                            freeze if freeze > 0 else None)
+
+  def predict_fns(self, model: DinosrModel, extra_state):
+    """The base 'features' (the student's encoder) plus 'units' (`codebook_units_fn`: the
+    teacher's transformer and the codebooks of the extra state; `layer` must be a target
+    layer)."""
+    fns = super().predict_fns(model, extra_state)
+    fns['units'] = codebook_units_fn(teacher_encoder(model, extra_state['teacher']),
+                                     stacked_codebooks(extra_state['codebooks']),
+                                     self.target_output)
+    return fns
 
   def post_update(self, params, extra_state, step):
     student = params

@@ -21,7 +21,7 @@ codebook C [K, E] with unit rows (renormalised after every step in `post_update`
 logits = z Cᵀ. Targets: Sinkhorn-Knopp (ε, iterations; marginals over the valid frames of the
 whole global batch) of each view's logits, no gradient; loss: swapped prediction at temperature
 τ over valid frames (`jaxspeech.ops.swapped_prediction.spin_loss`). Units at inference:
-argmax(z Cᵀ) (`SpinModel.units`).
+argmax(z Cᵀ) (`SpinModel.units`, the 'units' prediction).
 
 Legend: B batch, S samples, T frames (50 Hz), D encoder width, E head width, K codewords.
 """
@@ -157,3 +157,16 @@ class Spin(Method):
   def post_update(self, params, extra_state, step):
     del step
     return dict(params, codebook=sp.normalize_codebook(params['codebook'])), extra_state
+
+  def predict_fns(self, model: SpinModel, extra_state):
+    """The base 'features' plus 'units' (`SpinModel.units`, from the last layer only)."""
+    fns = super().predict_fns(model, extra_state)
+    last = self.enc_cfg.num_hidden_layers
+
+    def units(wav, mask, layer=None):
+      if layer is not None and layer != last:
+        raise ValueError(f'spin: units come from the last layer ({last}), not layer {layer}')
+      return model.units(wav, mask)
+
+    fns['units'] = units
+    return fns

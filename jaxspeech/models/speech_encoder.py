@@ -12,6 +12,14 @@ transformers' `output_hidden_states=True`: entry 0 is the input of the first blo
 output of block i (for pre-LN models the last entry is *before* the final LayerNorm, which
 `last_hidden_state` applies).
 
+Scale knobs (config fields, all off by default, so the default encoder is the plain float32 loop):
+`dtype` / `param_dtype` (compute and storage dtypes: bfloat16 compute over float32 master
+weights on accelerators), `scan_layers` (the L identical blocks stored stacked on a leading
+'layers' axis and run by one `jax.lax.scan`: one block to compile instead of L) and `remat`
+(gradient checkpointing of each block by a `jax.checkpoint_policies` policy). `stack_layers` /
+`unstack_layers` convert parameter trees between the loop and the scan layout (HF interop and
+checkpoints written by either).
+
 Padding: `wav_mask` marks real samples; frames are valid when their whole receptive field is, the
 first GroupNorm uses valid frames only, padded frames are zeroed before the positional conv and
 masked out of attention keys — batched utterances give the features of one at a time.
@@ -27,9 +35,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxspeech.layers.attention import dense
+from jaxspeech.layers.attention import dense, relative_position_buckets
 from jaxspeech.layers.conv_feature_extractor import ConvFeatureExtractor, conv_output_lengths
 from jaxspeech.layers.partitioning import (
     ACT_BATCH,
@@ -47,6 +56,20 @@ from jaxspeech.layers.transformer import (
 )
 
 MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
+# `EncoderConfig.remat` -> policy of the per-block `jax.checkpoint` (what the backward pass keeps
+# from the forward; everything else inside a block is recomputed). 'full' saves nothing but each
+# block's input (= jax.checkpoint's default, 'nothing_saveable' is its jax name); 'dots_saveable'
+# keeps every matmul output and recomputes only the element-wise ops;
+# 'dots_with_no_batch_dims_saveable' keeps the weight matmuls and recomputes attention's batched
+# [T, T] products.
+REMAT_POLICIES = {
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+LAYER_AXIS = "layers"  # logical name of the stacked layer axis (unknown to the rules: replicated)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +98,15 @@ class EncoderConfig:
   attention_dropout: float = 0.0
   activation_dropout: float = 0.0
   feat_proj_dropout: float = 0.0
-  dtype: str = "float32"  # activation dtype ('bfloat16' on accelerators); params stay float32
+  # Scale knobs (jaxspeech only: not part of HF configs). The defaults are the exact float32 loop.
+  dtype: str = "float32"  # compute/activation dtype ('bfloat16' on GPU/TPU)
+  param_dtype: str = "float32"  # storage dtype of the parameters (float32 master weights)
+  # Stack the L blocks on a leading 'layers' axis and run them with one jax.lax.scan: compile time
+  # independent of depth. Parameter paths become encoder/layers/<name> with shape [L, ...], so
+  # per-layer path regexes (frozen_mask, Spin's trainable layers) no longer select single layers;
+  # WavLM's bucket embedding moves from layers/0/attention to encoder/rel_attn_embed.
+  scan_layers: bool = False
+  remat: str = "none"  # gradient checkpointing of each block: a key of REMAT_POLICIES
 
   def __post_init__(self):
     if self.model_type not in MODEL_TYPES:
@@ -86,6 +117,20 @@ class EncoderConfig:
       )
     for name in ("conv_dim", "conv_kernel", "conv_stride"):
       object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
+    for name in ("dtype", "param_dtype"):
+      value = getattr(self, name)
+      try:
+        ok = jnp.issubdtype(jnp.dtype(value), jnp.floating)
+      except TypeError:
+        ok = False
+      if not ok:
+        raise ValueError(f"EncoderConfig.{name} must be a floating dtype name, got {value!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(
+        f"EncoderConfig.remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}"
+      )
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"EncoderConfig.scan_layers must be a bool, got {self.scan_layers!r}")
 
   @property
   def num_layers(self) -> int:
@@ -181,44 +226,72 @@ class FeatureProjection(nnx.Module):
 
 
 class TransformerEncoder(nnx.Module):
-  """Positional conv + blocks. [B, T, D] (+ frame mask [B, T]) -> hidden states."""
+  """Positional conv + blocks. [B, T, D] (+ frame mask [B, T]) -> hidden states.
+
+  `cfg.scan_layers`: `layers` is one TransformerBlock whose parameters carry a leading layer axis
+  [L, ...] (logical name 'layers'), run by `jax.lax.scan`; otherwise a list of L blocks run by a
+  Python loop. Both layouts are initialised from the same random stream (the stacked parameters
+  are the loop's, stacked: `stack_layers`), so a seed gives the same model either way.
+  """
 
   def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
     d = cfg.hidden_size
     self.cfg = cfg
     self.pos_conv_embed = ConvPositionalEmbedding(
-      d, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, **kw
+      d, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, rngs=rngs, **kw
     )
-    self.layer_norm = layer_norm(d, cfg.layer_norm_eps, **kw)
+    self.layer_norm = layer_norm(d, cfg.layer_norm_eps, rngs=rngs, **kw)
     wavlm = cfg.model_type == "wavlm"
-    self.layers = nnx.List(
-      [
-        TransformerBlock(
-          d,
-          cfg.num_attention_heads,
-          cfg.intermediate_size,
-          pre_norm=cfg.do_stable_layer_norm,
-          act=cfg.hidden_act,
-          eps=cfg.layer_norm_eps,
-          hidden_dropout=cfg.hidden_dropout,
-          attention_dropout=cfg.attention_dropout,
-          activation_dropout=cfg.activation_dropout,
-          gated_rel_pos=wavlm,
-          has_rel_embed=wavlm and i == 0,
-          num_buckets=cfg.num_buckets,
-          max_distance=cfg.max_bucket_distance,
-          **kw,
-        )
-        for i in range(cfg.num_hidden_layers)
-      ]
-    )
+
+    def block(i: int, rngs: nnx.Rngs) -> TransformerBlock:
+      return TransformerBlock(
+        d,
+        cfg.num_attention_heads,
+        cfg.intermediate_size,
+        pre_norm=cfg.do_stable_layer_norm,
+        act=cfg.hidden_act,
+        eps=cfg.layer_norm_eps,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation_dropout=cfg.activation_dropout,
+        gated_rel_pos=wavlm,
+        has_rel_embed=wavlm and i == 0,
+        num_buckets=cfg.num_buckets,
+        max_distance=cfg.max_bucket_distance,
+        rngs=rngs,
+        **kw,
+      )
+
+    blocks = [block(i, rngs) for i in range(cfg.num_hidden_layers)]
+    # WavLM's bucket embedding (HF: layers.0.attention.rel_attn_embed) is held here when the
+    # blocks are stacked, since a scanned block must be identical in every layer.
+    self.rel_attn_embed = blocks[0].attention.rel_attn_embed if cfg.scan_layers and wavlm else None
+    if not cfg.scan_layers:
+      self.layers = nnx.List(blocks)
+      return
+    states = [nnx.state(b) for b in blocks]
+    if wavlm:
+      states[0]["attention"].pop("rel_attn_embed")
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)  # every leaf [L, ...]
+    stacked = nnx.spmd.add_axis(stacked, 0, {nnx.PARTITION_NAME: LAYER_AXIS})
+    # The graph of a block without the embedding (block 1's); built abstractly, no random draws.
+    template = nnx.graphdef(nnx.eval_shape(lambda: block(1, nnx.Rngs(0))))
+    self.layers = nnx.merge(template, stacked)
+
+  def position_bias(self, t: int) -> jax.Array:
+    """WavLM's ungated relative position bias [N, T, T], shared by all layers."""
+    if self.rel_attn_embed is None:
+      return self.layers[0].attention.compute_position_bias(t)
+    buckets = relative_position_buckets(t, self.cfg.num_buckets, self.cfg.max_bucket_distance)
+    return jnp.transpose(self.rel_attn_embed(jnp.asarray(buckets)), (2, 0, 1))  # [N, T, T]
 
   def __call__(self, x, frame_mask, *, deterministic=True, rng=None, num_layers=None,
                return_ffn=False):
     """Runs the first `num_layers` blocks (all by default). Returns (hidden_states, last), and
     with `return_ffn` a third item: each block's feed-forward output before its residual add
-    (`TransformerBlock`), `num_layers x [B, T, D]`."""
+    (`TransformerBlock`), `num_layers x [B, T, D]`. With `scan_layers` the scan runs over the
+    first `num_layers` slices of the stacked parameters: an early exit, as in the loop."""
     cfg = self.cfg
     n = cfg.num_hidden_layers if num_layers is None else num_layers
     rngs = [None] * (n + 1) if rng is None else list(jax.random.split(rng, n + 1))
@@ -227,19 +300,60 @@ class TransformerEncoder(nnx.Module):
     if not cfg.do_stable_layer_norm:
       x = self.layer_norm(x)
     x = dropout(x, cfg.hidden_dropout, deterministic, rngs[0])
-    position_bias = None
-    if cfg.model_type == "wavlm":
-      position_bias = self.layers[0].attention.compute_position_bias(x.shape[1])  # [N, T, T]
+    position_bias = self.position_bias(x.shape[1]) if cfg.model_type == "wavlm" else None
     hidden, ffn = [x], []
-    for i in range(n):
-      x = self.layers[i](x, frame_mask, position_bias, deterministic=deterministic, rng=rngs[i + 1],
-                         return_ffn=return_ffn)
-      if return_ffn:
-        x, f = x
-        ffn.append(f)
-      hidden.append(x)
+    if cfg.scan_layers and n > 0:
+      hs, fs = self._scan(x, frame_mask, position_bias, rngs[1:], n, deterministic, return_ffn)
+      hidden += [hs[i] for i in range(n)]  # [L, B, T, D] -> L x [B, T, D]
+      ffn = [fs[i] for i in range(n)] if return_ffn else []
+      x = hidden[-1]
+    else:
+      for i in range(n):
+        if cfg.remat == "none":
+          x = self.layers[i](x, frame_mask, position_bias, deterministic=deterministic,
+                             rng=rngs[i + 1], return_ffn=return_ffn)
+        else:
+          graphdef, state = nnx.split(self.layers[i])
+          fn = _block_fn(graphdef, cfg.remat, deterministic, return_ffn)
+          x = fn(state, x, frame_mask, position_bias, rngs[i + 1])
+        if return_ffn:
+          x, f = x
+          ffn.append(f)
+        hidden.append(x)
     last = self.layer_norm(x) if cfg.do_stable_layer_norm and n == cfg.num_hidden_layers else x
     return (tuple(hidden), last, tuple(ffn)) if return_ffn else (tuple(hidden), last)
+
+  def _scan(self, x, frame_mask, position_bias, keys, n, deterministic, return_ffn):
+    """The first n stacked blocks by `jax.lax.scan`. Returns (hidden [n, B, T, D], ffn outputs
+    [n, B, T, D] or None)."""
+    graphdef, state = nnx.split(self.layers)
+    if n < self.cfg.num_hidden_layers:
+      state = jax.tree.map(lambda a: a[:n], state)
+    keys = None if keys[0] is None else jnp.stack(keys)  # [n] dropout keys
+    fn = _block_fn(graphdef, self.cfg.remat, deterministic, return_ffn, prevent_cse=False)
+
+    def body(h, xs):
+      layer_state, key = xs
+      out = fn(layer_state, h, frame_mask, position_bias, key)
+      return (out[0], out) if return_ffn else (out, (out, None))
+
+    _, (hs, fs) = jax.lax.scan(body, x, (state, keys))
+    return hs, fs
+
+
+def _block_fn(graphdef, remat: str, deterministic: bool, return_ffn: bool, prevent_cse=True):
+  """A block as a pure function `(state, x, mask, position_bias, key) -> block output`, wrapped
+  in `jax.checkpoint` with the `remat` policy unless it is 'none'. Inside `lax.scan` CSE cannot
+  merge the recomputation with the forward, so `prevent_cse=False` is safe there (and cheaper)."""
+
+  def apply(state, x, mask, position_bias, key):
+    block = nnx.merge(graphdef, state)
+    return block(x, mask, position_bias, deterministic=deterministic, rng=key,
+                 return_ffn=return_ffn)
+
+  if remat == "none":
+    return apply
+  return jax.checkpoint(apply, policy=REMAT_POLICIES[remat], prevent_cse=prevent_cse)
 
 
 class SpeechEncoder(nnx.Module):
@@ -247,8 +361,8 @@ class SpeechEncoder(nnx.Module):
 
   def __init__(self, config: EncoderConfig, *, rngs: nnx.Rngs):
     self.config = config
-    dtype = jnp.dtype(config.dtype)
-    kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+    dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.feature_extractor = ConvFeatureExtractor(
       config.conv_dim,
       config.conv_kernel,
@@ -265,7 +379,7 @@ class SpeechEncoder(nnx.Module):
       **kw,
     )
     self.masked_spec_embed = nnx.Param(
-      jax.random.uniform(rngs.params(), (config.hidden_size,)),
+      jax.random.uniform(rngs.params(), (config.hidden_size,)).astype(param_dtype),
       out_sharding=(EMBED,),
       eager_sharding=False,
     )
@@ -335,3 +449,60 @@ def frozen_mask(params: Any, trainable: Sequence[str] | str | None) -> Any:
     return any(p.search(name) for p in pats)
 
   return jax.tree_util.tree_map_with_path(match, params)
+
+
+def _is_layer_index(k) -> bool:
+  return isinstance(k, int) or (isinstance(k, str) and k.isdigit())
+
+
+def is_stacked(params: dict) -> bool:
+  """Whether a SpeechEncoder parameter tree (nested dict with an 'encoder' entry) has the scan
+  layout (`encoder/layers/<name>` [L, ...]) rather than the loop one (`encoder/layers/<i>/...`)."""
+  return not all(_is_layer_index(k) for k in params["encoder"]["layers"])
+
+
+def stack_layers(params: dict) -> dict:
+  """Loop layout -> scan layout of a SpeechEncoder parameter tree (nested dict as
+  `nnx.to_pure_dict` or `hf.convert_state_dict` give): `encoder/layers/<i>/<name>` [...] ->
+  `encoder/layers/<name>` [L, ...], and WavLM's `encoder/layers/0/attention/rel_attn_embed` ->
+  `encoder/rel_attn_embed`. numpy leaves stay numpy. Returns a new tree; `params` is unchanged."""
+  if is_stacked(params):
+    raise ValueError("stack_layers: the parameters are already stacked (scan layout)")
+  enc = dict(params["encoder"])
+  layers = enc["layers"]
+  per_layer = [layers[k] for k in sorted(layers, key=int)]
+  first = dict(per_layer[0])
+  if "rel_attn_embed" in first["attention"]:
+    first["attention"] = dict(first["attention"])
+    enc["rel_attn_embed"] = first["attention"].pop("rel_attn_embed")
+  per_layer[0] = first
+
+  def stack(*a):
+    return np.stack(a) if all(isinstance(v, np.ndarray) for v in a) else jnp.stack(a)
+
+  enc["layers"] = jax.tree.map(stack, *per_layer)  # every leaf [L, ...]
+  return {**params, "encoder": enc}
+
+
+def unstack_layers(params: dict) -> dict:
+  """Scan layout -> loop layout (the inverse of `stack_layers`): what HF checkpoints and
+  per-layer path regexes expect. Returns a new tree; `params` is unchanged."""
+  if not is_stacked(params):
+    raise ValueError("unstack_layers: the parameters are not stacked (loop layout)")
+  enc = dict(params["encoder"])
+  stacked = enc.pop("layers")
+  embed = enc.pop("rel_attn_embed", None)
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+  layers = {i: jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(num_layers)}
+  if embed is not None:
+    layers[0] = {**layers[0], "attention": {**layers[0]["attention"], "rel_attn_embed": embed}}
+  enc["layers"] = layers
+  return {**params, "encoder": enc}
+
+
+def to_layer_layout(params: dict, scan_layers: bool) -> dict:
+  """`params` in the layout of an encoder with `scan_layers` (converted only when needed): e.g.
+  an HF checkpoint or a loop-model workdir loaded into a scan model, or the reverse."""
+  if is_stacked(params) == scan_layers:
+    return params
+  return stack_layers(params) if scan_layers else unstack_layers(params)
