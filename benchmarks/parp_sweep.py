@@ -72,7 +72,7 @@ def run_one(config, workdir: str, manifest: str, method: str, sparsity: float,
   import copy
 
   from jaxspeech import prune as prune_runner
-  from jaxspeech.eval.asr import evaluate_ctc
+  from jaxspeech.workdir import evaluate_ctc
 
   c = copy.deepcopy(config)
   c.prune.method = method

@@ -140,7 +140,7 @@ def frame_speaker_probe(feats, speakers, frames_per_utt: int, seed: int = 0) -> 
 
 
 def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs) -> dict[str, float]:
-  """All metrics of one model (`ctx`: its `jaxspeech.eval.common.load_context`), and of its own
+  """All metrics of one model (`ctx`: its `jaxspeech.workdir.load_context`), and of its own
   units when its method predicts them ('units'). k-means is fitted on `fit_wavs` (the training
   speakers' utterances, fairseq's protocol), and for reference also on the evaluated utterances
   themselves (`kmeans_fit_heldout_pnmi`)."""
@@ -210,6 +210,7 @@ def format_table(initial: dict, spin: dict, k: int) -> str:
 
 def run(workdir: str) -> dict:
   from data_pipelines import synth
+  from jaxspeech import workdir as workdir_lib
   from jaxspeech.audio import load_audio
   from jaxspeech.eval import common
 
@@ -258,8 +259,8 @@ def run(workdir: str) -> dict:
     k = int(spin_cfg.method.codebook_size)
     logging.info('%d utterances of %s; k-means fitted on the %d utterances of split %r',
                  len(rows), sorted({r['speaker'] for r in rows}), len(fit_wavs), FIT_SPLIT)
-    initial = evaluate_model('initial', common.load_context(init_dir), wavs, rows, k, fit_wavs)
-    spin = evaluate_model('Spin', common.load_context(spin_dir), wavs, rows, k, fit_wavs)
+    initial = evaluate_model('initial', workdir_lib.load_context(init_dir), wavs, rows, k, fit_wavs)
+    spin = evaluate_model('Spin', workdir_lib.load_context(spin_dir), wavs, rows, k, fit_wavs)
 
   table = format_table(initial, spin, k)
   result = {

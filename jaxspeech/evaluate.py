@@ -31,7 +31,7 @@ the task does not take is an error). Tasks and output:
 `--checkpoint` is an HF checkpoint directory (config.json + weights), a jaxspeech training workdir
 (its `config.json`, latest checkpoint and host state; the tasks see its method's predictions,
 `Method.predict_fns`), or `mfcc` (39-d MFCC + deltas at 50 Hz, the HuBERT iteration-1 features;
-`--layer` is ignored); see `jaxspeech.eval.common.load_context`, also for how the waveforms are
+`--layer` is ignored); see `jaxspeech.workdir.load_context`, also for how the waveforms are
 normalised. `--layer` is a hidden-state index (0 = transformer input, HF `hidden_states`
 convention; negative counts from the end) or `last`. `--manifest` defaults to a workdir's own
 training manifest. Frame phone labels come from the manifest's `alignment` rows (frame t = phone
@@ -49,7 +49,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jaxspeech.eval import common, registry
+from jaxspeech import workdir as workdir_lib
+from jaxspeech.eval import registry
 from jaxspeech.eval.registry import EvalError
 
 # CLI flags that are task arguments (passed when given).
@@ -68,7 +69,7 @@ def evaluate(checkpoint: str, manifest: str, task: str, **args) -> dict[str, flo
                     f'{sorted(k for k in params if k != "ctx")})')
   if manifest and not os.path.exists(manifest):
     raise EvalError(f'--manifest {manifest}: no such file')
-  ctx = common.load_context(checkpoint)
+  ctx = workdir_lib.load_context(checkpoint)
   return registry.run_task(ctx, task, **({'manifest': manifest} if manifest else {}), **args)
 
 

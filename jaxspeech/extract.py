@@ -99,7 +99,7 @@ def _load_wavs(files: Sequence[str], normalize: bool) -> list[np.ndarray]:
 
 def load_units_context(checkpoint: str):
   """The EvalContext of a workdir whose method predicts 'units' (`Method.predict_fns`)."""
-  from jaxspeech.eval.common import load_context
+  from jaxspeech.workdir import load_context
 
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from jaxspeech import evaluate
+from jaxspeech import workdir as workdir_lib
 from jaxspeech.eval import common
 from jaxspeech.eval import units as units_lib
 
@@ -131,7 +132,7 @@ def test_workdir_every_task_and_codebook(corpus, workdir, capsys):
   from jaxspeech.methods import dinosr
   from jaxspeech.train.checkpoint import load_workdir_model
 
-  ctx = common.load_context(workdir)
+  ctx = workdir_lib.load_context(workdir)
   counts = np.asarray(dinosr.stacked_codebooks(ctx.extra['codebooks']).counts)  # [K, V]
   assert counts.shape == (2, 16) and (counts != 1.0).any() and (counts == 1.0).any()
   # 'units' run the EMA teacher's transformer (the codebooks' source); the model and its
@@ -192,15 +193,15 @@ def test_encoder_input_normalised_as_in_training(tmp_path):
   shutil.copytree(tmp_path / 'hf', tmp_path / 'hf_raw')
   with open(tmp_path / 'hf_raw' / 'preprocessor_config.json', 'w') as f:
     json.dump({'do_normalize': False}, f)
-  normed = common.load_context(str(tmp_path / 'hf'))
-  raw = common.load_context(str(tmp_path / 'hf_raw'))
-  assert normed.normalize and not raw.normalize and not common.load_context('mfcc').normalize
+  normed = workdir_lib.load_context(str(tmp_path / 'hf'))
+  raw = workdir_lib.load_context(str(tmp_path / 'hf_raw'))
+  assert normed.normalize and not raw.normalize and not workdir_lib.load_context('mfcc').normalize
   assert _gain_offset_gap(normed, 2) <= 1e-5
   assert _gain_offset_gap(raw, 2) > 1e-2
 
 
 def test_workdir_input_normalised(workdir):
-  ctx = common.load_context(workdir)
+  ctx = workdir_lib.load_context(workdir)
   assert ctx.normalize
   assert _gain_offset_gap(ctx, common.num_layers(ctx)) <= 1e-5
 
@@ -271,7 +272,7 @@ def test_units_fit_split(split_corpus, capsys):
 
   rows = common.load_rows(split_corpus, 'test', need_alignment=True)
   wavs = [load_audio(r['path']) for r in rows]
-  x = common.load_context('mfcc')
+  x = workdir_lib.load_context('mfcc')
   transductive = units_lib.evaluate_units(x, wavs, rows, 0, 12)
   # Fitting on exactly the evaluated utterances is the default path, number for number.
   assert units_lib.evaluate_units(x, wavs, rows, 0, 12, fit_wavs=wavs) == transductive

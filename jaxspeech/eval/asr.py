@@ -116,14 +116,3 @@ def ctc_error_rates(ctx, manifest: str = '', split: str = '',
   ref_txt = [vocab.to_text(r) for r in refs]
   hyp_txt = [vocab.to_text(h) for h in hyps]
   return {'wer': wer(ref_txt, hyp_txt), 'cer': cer(ref_txt, hyp_txt)}
-
-
-def evaluate_ctc(checkpoint: str, manifest: str, split: str = '',
-                 batch_size: int = 8) -> dict[str, float]:
-  """PER (phone model) or WER + CER (character model) of greedy CTC decoding of a training
-  workdir on the rows of `manifest` (only those of `split` when given): the `ctc` evaluation
-  task (`ctc_error_rates`) on the workdir's context, as `python -m jaxspeech.evaluate
-  --task ctc` runs it."""
-  from jaxspeech.eval.common import load_context
-
-  return ctc_error_rates(load_context(checkpoint), manifest, split, batch_size)

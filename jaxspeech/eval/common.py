@@ -1,11 +1,14 @@
 """What the speech evaluation tasks (units, abx, speaker_probe, ctc) share: the evaluated rows and
 their audio, per-utterance outputs of a prediction function over bucketed batches, 50 Hz frame
-phone labels, layer indices, and the `EvalContext` of a checkpoint.
+phone labels, layer indices, and the contexts of checkpoints that are not a training run.
+(A training workdir's context is `jaxspeech.workdir.load_context`, which sits above both
+`jaxspeech.train` and `jaxspeech.eval`: the trainer runs evaluations, so evaluation never
+imports the trainer.)
 
-    ctx = load_context('WORKDIR' | 'HF_DIR' | 'mfcc')
+    ctx = jaxspeech.workdir.load_context('WORKDIR' | 'HF_DIR' | 'mfcc')
     feats = layer_outputs(ctx, load_wavs(rows), layer_index(ctx, 'last'))  # [T_i, D] each
 
-Checkpoints (`load_context`):
+Checkpoints (`jaxspeech.workdir.load_context`):
   workdir  a jaxspeech training workdir: its method's model with the latest checkpoint's
            parameters and extra state (EMA teacher, codebooks, pruning masks...),
            `predict = method.predict_fns(model, extra)`.
@@ -225,57 +228,3 @@ def encoder_context(encoder, normalize: bool = True) -> EvalContext:
   method = EncoderOnly(None)
   return EvalContext(config=None, method=method, model=encoder, extra={},
                      predict=method.predict_fns(encoder, {}), normalize=normalize)
-
-
-def restore_extra(workdir: str, abstract_state):
-  """`extra` (teacher, codebooks, pruning masks...) of a workdir's latest checkpoint, the other
-  items skipped. The restore target is the configured train state's shapes with every item but
-  `extra` a placeholder, so no checkpoint metadata is needed."""
-  import orbax.checkpoint as ocp
-
-  if not jax.tree.leaves(abstract_state['extra']):
-    return abstract_state['extra']  # nothing to read (e.g. Spin keeps no extra state)
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'))
-  try:
-    step = mngr.latest_step()
-    target = {k: jax.tree.map(lambda _: ocp.PLACEHOLDER, v) for k, v in abstract_state.items()
-              if k != 'extra'}
-    target['extra'] = abstract_state['extra']
-    restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if hasattr(a, 'sharding')
-        else ocp.RestoreArgs(), target))))
-  finally:
-    mngr.close()
-  return restored['state']['extra']
-
-
-def workdir_context(workdir: str) -> EvalContext:
-  """A training workdir's method, model (latest parameters), extra state and predictions."""
-  from jaxspeech.train.checkpoint import load_workdir_model
-
-  workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    raise EvalError(f'--checkpoint {workdir}: has checkpoints/ but no config.json')
-  method, model, config, setup = load_workdir_model(workdir)
-  extra = restore_extra(workdir, setup.abstract_state)
-  # The trainer always normalises its input (`jaxspeech.train.data` calls `make_dataset` with its
-  # default normalize=True; the config has no key to turn it off), so a workdir's model is too.
-  return EvalContext(config=config, method=method, model=model, extra=extra,
-                     predict=method.predict_fns(model, extra), normalize=True)
-
-
-def load_context(checkpoint: str) -> EvalContext:
-  """'mfcc', an HF checkpoint directory or a jaxspeech workdir -> its EvalContext."""
-  if checkpoint == 'mfcc':
-    return mfcc_context()
-  if not os.path.isdir(checkpoint):
-    raise EvalError(f'--checkpoint {checkpoint}: no such directory (nor "mfcc")')
-  if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
-    return workdir_context(checkpoint)
-  if os.path.exists(os.path.join(checkpoint, 'config.json')):
-    from jaxspeech.interop import hf
-
-    return encoder_context(hf.load_encoder(checkpoint), hf.feature_extractor_normalizes(checkpoint))
-  raise EvalError(f'--checkpoint {checkpoint}: neither a jaxspeech workdir (no checkpoints/) nor '
-                  'an HF checkpoint directory (no config.json)')

@@ -207,6 +207,10 @@ class Method:
     for k in ('masked_spec_embed',):
       if k in node and k not in enc:
         enc[k] = np.asarray(node[k])
+    # A per-layer source into a `scan_layers` model (or back): stack / unstack the blocks.
+    from jaxspeech.models.speech_encoder import is_stacked, to_layer_layout
+
+    enc = to_layer_layout(enc, is_stacked(node))
     return merge_subtree(params, prefix, enc, f'config.init_from={source.path!r} ({source.kind})')
 
   def encoder(self, model: nnx.Module):

@@ -240,7 +240,7 @@ class DinosrPretraining(Method):
 
   def extra_state_logical_axes(self, extra_state):
     """The teacher is sharded like the student transformer; codebooks are replicated."""
-    from jaxspeech.train import partitioning
+    from jaxspeech.layers import partitioning
 
     def student_axes():
       model = DinosrModel(self.enc_cfg, self.k, self.v, rngs=nnx.Rngs(params=0))

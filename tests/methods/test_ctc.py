@@ -163,8 +163,8 @@ def test_vocabulary_is_host_state_never_refitted_from_the_manifest(tmp_path):
 
 
 def test_short_ctc_run_loss_falls_and_evaluates(tmp_path):
-  from jaxspeech.eval.asr import evaluate_ctc
   from jaxspeech.train.trainer import train_and_evaluate
+  from jaxspeech.workdir import evaluate_ctc
 
   workdir = str(tmp_path / 'ctc')
   config = small_ctc_config()
