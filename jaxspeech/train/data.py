@@ -4,7 +4,6 @@ checkpointable Grain iterator of host batches, and host batches -> global arrays
 
 from __future__ import annotations
 
-import copy
 import math
 
 import jax
@@ -17,23 +16,13 @@ from jaxspeech.train.partitioning import BATCH_AXES
 
 def manifest_rows(data_config, method: Method | None = None) -> list[dict]:
   """Rows of `config.data.manifest` (or of `method.default_manifest`, by default the built-in
-  synthetic corpus, when it is unset) of split `config.data.split`."""
+  synthetic corpus, when it is unset) of split `config.data.split`; `data_config` is the
+  method's own `config.data` when a method is given."""
   if method is None:
     import ml_collections
 
     method = Method(ml_collections.ConfigDict({'data': data_config}))
-  if method.config.data is not data_config:
-    method = copy.copy(method)
-    method.config = _with_data(method.config, data_config)
   return method.training_rows()
-
-
-def _with_data(config, data_config):
-  import ml_collections
-
-  c = ml_collections.ConfigDict(config.to_dict())
-  c.data = data_config
-  return c
 
 
 def make_iterator(config, mesh=None, *, method: Method | None = None, seed_offset: int = 0,

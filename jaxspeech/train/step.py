@@ -228,10 +228,9 @@ def make_train_step(setup: TrainSetup) -> Callable[[PyTree, dict], tuple[PyTree,
     params, extra = method.post_update(params, extra, step)
     if single:
       grad_norm = _global_norm(group_grads[groups[0]], trainable)
-      lr = setup.schedules[groups[0]](step)
     else:
       grad_norm = jnp.sqrt(sum(jnp.square(out_metrics[f'grad_norm/{g}']) for g in groups))
-      lr = setup.schedules[groups[0]](step)
+    lr = setup.schedules[groups[0]](step)  # several groups: the first's (each is logged too)
     out_metrics.update(
       loss=sum(losses[g] for g in groups).astype(jnp.float32),
       grad_norm=grad_norm,
