@@ -145,8 +145,8 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
 def run(args) -> dict:
   from data_pipelines import synth, text
   from data_pipelines.manifest import read_manifest
-  from jaxspeech.eval.phone_lm import PhoneLM
   from jaxspeech.eval.lm_selection import lm_path
+  from jaxspeech.eval.phone_lm import PhoneLM
 
   t_start = time.perf_counter()
   wd = os.path.abspath(args.workdir)
@@ -189,6 +189,10 @@ def run(args) -> dict:
       c.method.text_manifest = text_path
       if args.steps:
         c.train.num_steps = args.steps
+      if args.batch_size:
+        c.data.batch_size = args.batch_size
+      if args.eval_every:
+        c.evals.per.every = c.evals.selection.every = args.eval_every
       if seed == 'supervised':
         c.method.supervised = True
         c.evals = {}  # no selection metric without a discriminator; PER below
@@ -275,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   r.add_argument('--layer', default='last')
   r.add_argument('--seeds', default='0,1,2,3,4')
   r.add_argument('--steps', type=int, default=0, help='GAN steps (0 = the tiny config)')
+  r.add_argument('--batch-size', type=int, default=0, help='0 = the tiny config')
+  r.add_argument('--eval-every', type=int, default=0, help='0 = the tiny config')
   r.add_argument('--pretrain-steps', type=int, default=1000)
   r.add_argument('--text-sentences', type=int, default=2000)
   r.add_argument('--text-seed', type=int, default=1)

@@ -232,7 +232,7 @@ class W2vu2Method(Method):
 
   def param_groups(self, params):
     groups = ('generator',) if self.supervised else ('generator', 'discriminator')
-    return {g: {k: jax.tree.map(lambda _, k=k: k == g, v) for k, v in params.items()}
+    return {g: {k: jax.tree.map(lambda _, same=(k == g): same, v) for k, v in params.items()}
             for g in groups}
 
   def _generate(self, model: W2vuModel, extra_state, batch, *, train: bool, rng=None):
