@@ -9,7 +9,8 @@ fairseq `scripts/prepare_text.sh` in small: words are phonemised one by one (G2P
 lexicon; here espeak-ng's MBROLA `mb-us1` phones, mapped onto `data_pipelines.phones.US_PHONES`
 as the synthetic audio's alignments are), phones seen fewer than `min_phone_count` times are
 dropped with their sentences (prepare_text's rare-phone filter), and `phonemize_with_sil.py`
-puts silence `_` at both ends and between words with probability `sil_prob`. Sentences equal to
+puts silence `_` between words with probability `sil_prob` and at both ends (`surround`: 'both';
+'end' or 'none' for audio without leading silence). Sentences equal to
 a transcript of `exclude_manifest` (case and punctuation ignored) are removed and counted: the
 text must be unpaired.
 
@@ -64,21 +65,28 @@ def phonemize_words(words: Iterable[str], voice: str = 'us1',
   return lexicon
 
 
+SURROUND = ('both', 'end', 'none')
+
+
 def sentences_to_phones(sentences: Sequence[str], lexicon: dict[str, list[str]],
-                        sil_prob: float, seed: int) -> list[list[str]]:
-  """fairseq `phonemize_with_sil.py`: silence at both ends, and after each word but the last
-  with probability `sil_prob`."""
+                        sil_prob: float, seed: int, surround: str = 'both') -> list[list[str]]:
+  """fairseq `phonemize_with_sil.py`: silence after each word but the last with probability
+  `sil_prob`, and at the ends (`--surround`): 'both', only the 'end' (audio that starts with
+  speech but ends in silence, as the built-in synthetic corpus), or 'none'."""
+  if surround not in SURROUND:
+    raise ValueError(f'surround={surround!r}: choose one of {SURROUND}')
   rng = np.random.default_rng(seed)
   out = []
   for s in sentences:
     words = normalize(s).split()
-    seq = [SILENCE]
+    seq = [SILENCE] if surround == 'both' else []
     draws = rng.random(len(words) - 1) if sil_prob > 0 and len(words) > 1 else None
     for i, w in enumerate(words):
       seq += lexicon[w]
       if draws is not None and i < len(draws) and draws[i] < sil_prob:
         seq.append(SILENCE)
-    seq.append(SILENCE)
+    if surround != 'none':
+      seq.append(SILENCE)
     out.append(seq)
   return out
 
@@ -89,7 +97,8 @@ def _stem(path: str) -> str:
 
 def write_text_manifest(out: str, sentences: Sequence[str], *, sil_prob: float = 0.5,
                         seed: int = 0, voice: str = 'us1', min_phone_count: int = 10,
-                        exclude_manifest: str | None = None, lm_order: int = 4) -> dict:
+                        exclude_manifest: str | None = None, lm_order: int = 4,
+                        surround: str = 'both') -> dict:
   """Writes the text manifest OUT and its .stats.json / .lm.json / .lexicon.json; returns the
   stats."""
   from jaxspeech.eval.phone_lm import PhoneLM
@@ -115,7 +124,7 @@ def write_text_manifest(out: str, sentences: Sequence[str], *, sil_prob: float =
   with open(lex_path, 'w') as f:
     json.dump(lexicon, f, indent=0, sort_keys=True)
 
-  seqs = sentences_to_phones([norm[i] for i in keep], lexicon, sil_prob, seed)
+  seqs = sentences_to_phones([norm[i] for i in keep], lexicon, sil_prob, seed, surround)
   counts = collections.Counter(p for s in seqs for p in s if p != SILENCE)
   rare = sorted(p for p, n in counts.items() if n < min_phone_count)
   rows = [(i, s) for i, s in zip(keep, seqs) if not set(s) & set(rare)]
@@ -131,7 +140,8 @@ def write_text_manifest(out: str, sentences: Sequence[str], *, sil_prob: float =
     'unique_sentences_out': len({norm[i] for i, _ in rows}),
     'overlap_found': len(overlap), 'overlap_removed': len(overlap), 'overlap_remaining': remaining,
     'excluded_transcripts': len(excluded), 'dropped_rare_phones': rare,
-    'dropped_rare_sentences': len(seqs) - len(rows), 'sil_prob': sil_prob, 'seed': seed,
+    'dropped_rare_sentences': len(seqs) - len(rows), 'sil_prob': sil_prob,
+    'surround': surround, 'seed': seed,
     'voice': voice, 'lm_order': lm_order, 'words': len(lexicon),
     'phones': sorted({p for _, s in rows for p in s}),
     'phone_tokens': sum(len(s) for s in no_sil),
@@ -166,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   src.add_argument('--num-sentences', type=int, help='sentences of the built-in grammar')
   p.add_argument('--seed', type=int, default=1)
   p.add_argument('--sil-prob', type=float, default=0.5)
+  p.add_argument('--surround', default='both', choices=SURROUND,
+                 help='silence at both ends, only the end, or none')
   p.add_argument('--voice', default='us1')
   p.add_argument('--min-phone-count', type=int, default=10)
   p.add_argument('--lm-order', type=int, default=4)
@@ -186,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     excl = built_in_corpus()
   stats = write_text_manifest(a.out, sentences, sil_prob=a.sil_prob, seed=a.seed, voice=a.voice,
                               min_phone_count=a.min_phone_count, exclude_manifest=excl or None,
-                              lm_order=a.lm_order)
+                              lm_order=a.lm_order, surround=a.surround)
   print(json.dumps(stats))
   return 0
 

@@ -12,8 +12,9 @@ r"""wav2vec-U 2.0 end to end: raw audio + unpaired text -> unsupervised phone re
   3. features    its layer `--layer` for every utterance, cached once (`data_pipelines.features`,
                  with the 64-cluster MFCC k-means targets), and the MFCC cache (the ablation).
   4. text        `--text-sentences` sentences of the built-in grammar with seed `--text-seed`
-                 (the audio's transcripts are seed 0), phonemised by espeak-ng, silence between
-                 words with p=0.5, every sentence equal to an audio transcript removed
+                 (the audio's transcripts are seed 0), phonemised by espeak-ng, silence as the
+                 audio has it (`--surround end --sil-prob 0`: the synthetic speech starts at
+                 once and ends in silence; fairseq's default is both ends and p=0.5), every sentence equal to an audio transcript removed
                  (`python -m data_pipelines.text`); the overlap count is reported.
   5. train       `experiments/w2vu2.py:tiny` for every seed on the encoder features and on the
                  MFCCs (the training speakers' audio, no transcript), and the supervised CTC
@@ -60,7 +61,7 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
   from jaxspeech.methods.w2vu2 import utterance_mfccs
 
   manifest = os.path.abspath(manifest or synth.built_in_corpus())
-  source = encoder if encoder == 'mfcc' else os.path.abspath(encoder)
+  source = encoder if encoder in ('mfcc', 'oracle') else os.path.abspath(encoder)
   meta = {'source': source, 'layer': str(layer), 'corpus': manifest}
   if feature_cache.cache_is_complete(out_dir, meta):
     logging.info('reusing the feature cache %s', out_dir)
@@ -71,12 +72,32 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
   mfccs = utterance_mfccs(wavs)
   if encoder == 'mfcc':
     feats = mfccs
+  elif encoder == 'oracle':
+    feats = oracle_features(rows, [len(m) for m in mfccs])
   else:
     ctx = workdir_lib.load_context(encoder)
     feats = common.layer_outputs(ctx, wavs, common.layer_index(ctx, layer), batch_size)
   logging.info('features of %d utterances (%s, layer %s) in %.0f s', len(rows), source, layer,
                time.perf_counter() - t0)
   return feature_cache.write_feature_cache(out_dir, rows, feats, mfccs, meta=meta)
+
+
+def oracle_features(rows: list[dict], frames: Sequence[int], noise: float = 1.0,
+                    seed: int = 0) -> list[np.ndarray]:
+  """A sanity input, not speech features: each 50 Hz frame's true phone (from the row's
+  alignment) as a one-hot over `US_PHONES` plus N(0, noise^2) noise, [T_i, 42]. A GAN that
+  cannot learn the phone mapping from these has a bug; one that can, but not from an encoder's
+  features, is limited by the features (or the budget)."""
+  from data_pipelines import phones
+
+  inv = {p: i for i, p in enumerate(phones.US_PHONES)}
+  rng = np.random.default_rng(seed)
+  out = []
+  for r, t in zip(rows, frames):
+    lab = np.maximum(phones.frame_labels(r['alignment'], t, 50, inv), 0)
+    x = np.eye(len(inv), dtype=np.float32)[lab]
+    out.append(x + noise * rng.standard_normal(x.shape).astype(np.float32))
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,21 +177,26 @@ def run(args) -> dict:
   corpus_rows = read_manifest(corpus)
 
   encoder = args.encoder
-  if not encoder:
+  if not encoder and 'ssl' in args.inputs.split(','):
     encoder = os.path.join(wd, 'pretrain')
     c = demo.experiment_config('hubert', 'tiny')
     c.train.num_steps = args.pretrain_steps
     demo.train(c, encoder)
-  feats = {'ssl': cache_features(encoder, args.layer, os.path.join(wd, 'features_ssl')),
-           'mfcc': cache_features('mfcc', '0', os.path.join(wd, 'features_mfcc'))}
+  feats = {}
+  for name in args.inputs.split(','):
+    if name not in ('ssl', 'mfcc', 'oracle'):
+      raise ValueError(f'--inputs: unknown input {name!r} (ssl, mfcc, oracle)')
+    src, layer = (encoder, args.layer) if name == 'ssl' else (name, '0')
+    feats[name] = cache_features(src, layer, os.path.join(wd, f'features_{name}'))
   timing = {'until_features_seconds': time.perf_counter() - t_start}
 
-  text_path = os.path.join(wd, 'text', 'text.jsonl')
+  text_path = os.path.join(wd, 'text', f'text-{args.text_sentences}-seed{args.text_seed}-sil'
+                           f'{args.sil_prob:g}-{args.surround}.jsonl')
   if not os.path.exists(text_path):
     text.write_text_manifest(text_path, synth.generate_sentences(args.text_sentences,
                                                                  args.text_seed),
                              sil_prob=args.sil_prob, seed=args.text_seed,
-                             exclude_manifest=corpus)
+                             exclude_manifest=corpus, surround=args.surround)
   with open(os.path.splitext(text_path)[0] + '.stats.json') as f:
     text_stats = json.load(f)
   lm = PhoneLM.load(lm_path(text_path))
@@ -208,7 +234,7 @@ def run(args) -> dict:
 
 def _summary(results: dict) -> dict:
   out = {}
-  for name in ('ssl', 'mfcc'):
+  for name in ('ssl', 'mfcc', 'oracle'):
     runs = [results['runs'].get(f'{name}/seed{s}') for s in results['seeds']]
     runs = [r for r in runs if r]
     if not runs:
@@ -279,12 +305,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   r.add_argument('--layer', default='last')
   r.add_argument('--seeds', default='0,1,2,3,4')
   r.add_argument('--steps', type=int, default=0, help='GAN steps (0 = the tiny config)')
+  r.add_argument('--inputs', default='ssl,mfcc',
+                 help="comma list of ssl (the encoder's layer), mfcc, oracle (noisy true phones)")
   r.add_argument('--batch-size', type=int, default=0, help='0 = the tiny config')
   r.add_argument('--eval-every', type=int, default=0, help='0 = the tiny config')
   r.add_argument('--pretrain-steps', type=int, default=1000)
   r.add_argument('--text-sentences', type=int, default=2000)
   r.add_argument('--text-seed', type=int, default=1)
-  r.add_argument('--sil-prob', type=float, default=0.5)
+  r.add_argument('--sil-prob', type=float, default=0.0,
+                 help='silence between words (the built-in audio has none: 0; fairseq 0.5)')
+  r.add_argument('--surround', default='end', choices=('both', 'end', 'none'),
+                 help="silence at the text's ends (built-in audio: only at the end)")
   args = p.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_Quiet())

@@ -109,12 +109,14 @@ class W2vu2Method(Method):
 
     corpus = synth.built_in_corpus(str(d.cache_dir) or None,
                                    num_utterances=int(d.builtin_utterances))
-    n, seed, sil = int(m.text_sentences), int(m.text_seed), float(m.sil_prob)
+    n, seed, sil, sur = (int(m.text_sentences), int(m.text_seed), float(m.sil_prob),
+                         str(m.sil_surround))
     out = os.path.join(str(d.cache_dir) or synth.default_cache_dir(), 'w2vu_text',
-                       f'text-{n}-seed{seed}-sil{sil:g}-excl{int(d.builtin_utterances)}.jsonl')
+                       f'text-{n}-seed{seed}-sil{sil:g}-{sur}-excl{int(d.builtin_utterances)}'
+                       '.jsonl')
     if not os.path.exists(out):
       text.write_text_manifest(out, synth.generate_sentences(n, seed), sil_prob=sil, seed=seed,
-                               exclude_manifest=corpus)
+                               exclude_manifest=corpus, surround=sur)
     return out
 
   def fit_host_state(self, rows):

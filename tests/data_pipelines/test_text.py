@@ -20,6 +20,10 @@ def test_sentences_to_phones_silence_probability():
   inner = np.mean([s[1:-1].count('_') for s in half])  # 2 gaps a sentence, p = 0.5 each
   assert abs(inner - 1.0) < 0.1
   assert half == text.sentences_to_phones(sents, lex, 0.5, seed=0)
+  assert text.sentences_to_phones(['a b'], lex, 0.0, 0, surround='end') == [['p', 't', 'k', '_']]
+  assert text.sentences_to_phones(['a b'], lex, 0.0, 0, surround='none') == [['p', 't', 'k']]
+  with pytest.raises(ValueError, match='surround'):
+    text.sentences_to_phones(['a'], lex, 0.0, 0, surround='start')
 
 
 def test_write_text_manifest_removes_transcripts_and_rare_phones(tmp_path):
