@@ -14,8 +14,9 @@ r"""wav2vec-U 2.0 end to end: raw audio + unpaired text -> unsupervised phone re
   4. text        `--text-sentences` sentences of the built-in grammar with seed `--text-seed`
                  (the audio's transcripts are seed 0), phonemised by espeak-ng, silence as the
                  audio has it (`--surround end --sil-prob 0`: the synthetic speech starts at
-                 once and ends in silence; fairseq's default is both ends and p=0.5), every sentence equal to an audio transcript removed
-                 (`python -m data_pipelines.text`); the overlap count is reported.
+                 once and ends in silence; fairseq's default is both ends and p=0.5), every
+                 sentence equal to an audio transcript removed (`python -m
+                 data_pipelines.text`); the overlap count is reported.
   5. train       `experiments/w2vu2.py:tiny` for every seed on the encoder features and on the
                  MFCCs (the training speakers' audio, no transcript), and the supervised CTC
                  reference (the same generator, true phones) on each input.
@@ -82,7 +83,7 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
   return feature_cache.write_feature_cache(out_dir, rows, feats, mfccs, meta=meta)
 
 
-def oracle_features(rows: list[dict], frames: Sequence[int], noise: float = 1.0,
+def oracle_features(rows: list[dict], frames: Sequence[int], noise: float = 0.3,
                     seed: int = 0) -> list[np.ndarray]:
   """A sanity input, not speech features: each 50 Hz frame's true phone (from the row's
   alignment) as a one-hot over `US_PHONES` plus N(0, noise^2) noise, [T_i, 42]. A GAN that
@@ -157,6 +158,31 @@ def _nonfinite_steps(workdir: str) -> int:
   return bad
 
 
+def apply_overrides(config, items: Sequence[str]) -> None:
+  """`key=value` strings onto a locked ConfigDict; the value is parsed as the field's type."""
+  for item in items:
+    key, sep, raw = item.partition('=')
+    if not sep:
+      raise ValueError(f'--set {item!r}: expected KEY=VALUE')
+    node, *path = key.split('.')
+    parent = config
+    for part in [node, *path][:-1]:
+      if part not in parent:
+        raise KeyError(f'--set {item!r}: config has no field {key!r}')
+      parent = parent[part]
+    leaf = key.split('.')[-1]
+    if leaf not in parent:
+      raise KeyError(f'--set {item!r}: config has no field {key!r}')
+    old = parent[leaf]
+    if isinstance(old, bool):
+      if raw.lower() not in ('true', 'false', '1', '0'):
+        raise ValueError(f'--set {item!r}: {key} is a bool')
+      value = raw.lower() in ('true', '1')
+    else:
+      value = type(old)(raw)
+    parent[leaf] = value
+
+
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
   from scipy.stats import spearmanr
 
@@ -219,6 +245,7 @@ def run(args) -> dict:
         c.data.batch_size = args.batch_size
       if args.eval_every:
         c.evals.per.every = c.evals.selection.every = args.eval_every
+      apply_overrides(c, args.set)
       if seed == 'supervised':
         c.method.supervised = True
         c.evals = {}  # no selection metric without a discriminator; PER below
@@ -316,6 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                  help='silence between words (the built-in audio has none: 0; fairseq 0.5)')
   r.add_argument('--surround', default='end', choices=('both', 'end', 'none'),
                  help="silence at the text's ends (built-in audio: only at the end)")
+  r.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                 help='override a field of experiments/w2vu2.py:tiny for every GAN run '
+                      '(e.g. method.code_penalty=0); repeatable')
   args = p.parse_args(argv)
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_Quiet())
