@@ -148,3 +148,49 @@ def test_supervised_reference_learns_oracle_features(oracle, tmp_path):
   # skipped short phones). Measured: 0.32 after 300 steps; an untrained model is ~100%, the
   # majority phone ~90%.
   assert per < 0.4, per
+
+
+def test_study_overrides_parse_by_field_type():
+  from experiments import w2vu2
+  from jaxspeech.w2vu import apply_overrides
+
+  c = w2vu2.get_config('tiny')
+  apply_overrides(c, ['method.generator_stride=2', 'method.code_penalty=0.5',
+                      'method.generator_residual=false', 'optim.generator.learning_rate=1e-4'])
+  assert c.method.generator_stride == 2 and isinstance(c.method.generator_stride, int)
+  assert c.method.code_penalty == 0.5 and c.method.generator_residual is False
+  assert c.optim.generator.learning_rate == 1e-4
+  with pytest.raises(KeyError, match='method.no_such'):
+    apply_overrides(c, ['method.no_such=1'])
+  with pytest.raises(ValueError, match='KEY=VALUE'):
+    apply_overrides(c, ['method.code_penalty'])
+  with pytest.raises(ValueError, match='bool'):
+    apply_overrides(c, ['method.generator_residual=maybe'])
+
+
+def test_study_baselines_and_seed_selection():
+  from jaxspeech.eval.phone_lm import PhoneLM
+  from jaxspeech.w2vu import _summary, baselines
+
+  text = [['a', 'b', 'a', '_'], ['a', 'c', '_'], ['b', 'a', 'a', '_']]
+  lm = PhoneLM.fit(text, order=2)
+  rows = [{'split': 'test', 'alignment': [[p, 0, 1] for p in ['_', 'a', 'b', 'c', 'c', '_']]},
+          {'split': 'test', 'alignment': [[p, 0, 1] for p in ['b', 'a']]},
+          {'split': 'train', 'alignment': [[p, 0, 1] for p in ['a', 'a', 'a']]}]
+  b = baselines(rows, lm, seed=0)
+  # 'a' is the text's most frequent non-silence phone; 2 of the 6 test phones are 'a'.
+  assert b['majority_phone'] == 'a'
+  assert np.isclose(b['per_majority_phone'], 1 - 2 / 6)
+  assert b['per_lm_random'] > 0
+  per = [0.9, 0.5, 0.7, 0.8]
+  metric = [40.0, 10.0, 20.0, 30.0]  # ranks agree with PER: Spearman 1, seed 1 picked
+  results = {'seeds': [0, 1, 2, 3],
+             'runs': {f'ssl/seed{s}': {'per': p, 'weighted_lm_ppl': m, 'nonfinite': 0}
+                      for s, p, m in zip([0, 1, 2, 3], per, metric)}}
+  results['runs']['ssl/supervised'] = {'per': 0.3, 'nonfinite': 0}
+  s = _summary(results)['ssl']
+  assert s['selected_seed'] == 1 and s['per_selected'] == 0.5
+  assert np.isclose(s['spearman_metric_per'], 1.0) and s['per_supervised'] == 0.3
+  results['runs']['ssl/seed0']['weighted_lm_ppl'] = 5.0  # now the worst seed is picked
+  s = _summary(results)['ssl']
+  assert s['selected_seed'] == 0 and s['spearman_metric_per'] < 1.0
