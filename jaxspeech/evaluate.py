@@ -21,7 +21,8 @@ the task does not take is an error). Tasks and output:
                  share of the speaker entropy the units explain; lower = more speaker-invariant)
                  given >= 2 speakers (`jaxspeech.eval.units`).
   abx            ZeroSpeech-style ABX error (%) on phone segments in context (triphones), DTW on
-                 cosine distance: {"abx_within", "abx_across"} (`jaxspeech.eval.abx`).
+                 angular distance, libri-light's averaging: {"abx_within", "abx_across"}
+                 (`jaxspeech.eval.abx`).
   speaker_probe  linear speaker classifier on utterance-mean features, accuracy on held-out
                  utterances of the same speakers: {"accuracy"}.
   ctc            greedy CTC decoding of a ctc/parp training workdir's 'logits' with its

@@ -11,17 +11,23 @@ context" condition) and its speaker. For two categories ``a != b`` in the same c
 - within speakers: A, B and X from the same speaker;
 - across speakers: A and B from one speaker, X from another.
 
-``d`` is DTW over frame-wise cosine (``1 - cos``) or angular (``arccos(cos) / pi``) distances,
-with steps (1, 0), (0, 1), (1, 1) and the accumulated cost divided by the length of the best path
-(as in Libri-light's ``dtw.pyx``). The DTW runs under ``jax.jit``/``vmap`` on padded items in
-fixed-size batches of pairs (one compilation).
+``d`` is DTW over frame-wise angular distances ``arccos(cos) / pi`` (libri-light's and fastabx's
+"cosine" distance; ``1 - cos`` is kept as the ``"one_minus_cos"`` option), with steps (1, 0),
+(0, 1), (1, 1) and the accumulated cost divided by the length of the path that libri-light's
+``dtw.pyx`` backtracks (ties: diagonal, then (i, j-1), then (i-1, j)). That length depends on
+which item gives the rows; as in libri-light they are X's frames, except that A and X of one cell
+share the distance computed from the earlier (lower-index) item's frames. The DTW runs under
+``jax.jit``/``vmap`` on padded items in fixed-size batches of pairs (one compilation).
 
-Scores: the error rate of every cell (context, speaker(s), a, b) is averaged over the cells of each
-ordered pair (a, b), then over the pairs; reported in percent (50 = chance).
+Scores, as libri-light's ``eval_ABX.py`` (ZeroSpeech 2021) averages them: the error rate of every
+cell is averaged over contexts (within: cells (context, speaker, a, b); across: over contexts and X
+speakers, cells (context, speaker of A and B, speaker of X, a, b)), then over the speakers of A and
+B, then over the ordered pairs (a, b); reported in percent (50 = chance). ``averaging="pair_cells"``
+keeps the former order (all cells of a pair equally weighted, then pairs).
 
 Evaluation task `abx` (`run`, `jaxspeech.eval.registry`): the ABX error of layer L's features
 (`Method.predict_fns` 'features') on the phone segments in context (triphones) of the rows'
-alignments, DTW on cosine distance, at most 5 items per cell: {"abx_within", "abx_across"}.
+alignments, DTW on angular distance, at most 5 items per cell: {"abx_within", "abx_across"}.
 
     config.evals.abx = {task: 'abx', split: 'test', layer: 'last'}
     python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task abx --layer L
@@ -39,30 +45,48 @@ import jax.numpy as jnp
 import numpy as np
 
 _BIG = 1e30
+METRICS = ("angular", "cosine", "one_minus_cos")
 
 
-def frame_distances(a: jax.Array, b: jax.Array, metric: str = "cosine") -> jax.Array:
-  """Frame-wise distances ``a [La, D]``, ``b [Lb, D]`` -> ``[La, Lb]`` float32."""
+def frame_distances(a: jax.Array, b: jax.Array, metric: str = "angular") -> jax.Array:
+  """Frame-wise distances ``a [La, D]``, ``b [Lb, D]`` -> ``[La, Lb]`` float32.
+
+  ``"angular"`` (or ``"cosine"``, libri-light's name for it): ``arccos(clip(cos, -1, 1)) / pi`` in
+  [0, 1], computed as libri-light does (float32 arccos of the dot product of unit vectors, so frames
+  at a near-zero angle carry up to ~3e-4 of rounding); an all-zero frame is at distance 0 from
+  another all-zero frame and 1 from any other (libri-light's ``normalize_with_singularity``).
+  ``"one_minus_cos"``: ``1 - cos`` (an all-zero frame has cos 0).
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
   a = a.astype(jnp.float32)
   b = b.astype(jnp.float32)
-  an = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-8)
-  bn = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-8)
-  if metric == "cosine":
-    cos = jnp.einsum("id,jd->ij", an, bn, precision=jax.lax.Precision.HIGHEST)
-    return 1.0 - jnp.clip(cos, -1.0, 1.0)  # [La, Lb]
-  if metric == "angular":
-    # 2 atan2(|a - b|, |a + b|) instead of arccos(cos): arccos loses ~sqrt(eps) near cos = 1.
-    diff = jnp.linalg.norm(an[:, None] - bn[None], axis=-1)  # [La, Lb]
-    summ = jnp.linalg.norm(an[:, None] + bn[None], axis=-1)  # [La, Lb]
-    return 2.0 * jnp.arctan2(diff, summ) / jnp.pi
-  raise ValueError(f"metric must be 'cosine' or 'angular', got {metric!r}")
+  na = jnp.linalg.norm(a, axis=-1, keepdims=True)  # [La, 1]
+  nb = jnp.linalg.norm(b, axis=-1, keepdims=True)  # [Lb, 1]
+  an = a / jnp.where(na > 0, na, 1.0)
+  bn = b / jnp.where(nb > 0, nb, 1.0)
+  cos = jnp.clip(jnp.einsum("id,jd->ij", an, bn, precision=jax.lax.Precision.HIGHEST), -1.0, 1.0)
+  if metric == "one_minus_cos":
+    return 1.0 - cos  # [La, Lb]
+  ang = jnp.arccos(cos) / jnp.pi  # [La, Lb]
+  za, zb = na[:, 0] == 0, nb[:, 0] == 0
+  zero = za[:, None] | zb[None, :]
+  return jnp.where(zero, jnp.where(za[:, None] & zb[None, :], 0.0, 1.0), ang)
 
 
-def dtw(dist: jax.Array, len_a: jax.Array, len_b: jax.Array) -> jax.Array:
-  """Path-length-normalised DTW cost of ``dist [L, L]`` restricted to ``[:len_a, :len_b]``.
+def dtw(dist: jax.Array, len_a: jax.Array, len_b: jax.Array, both: bool = False) -> jax.Array:
+  """Path-length-normalised DTW cost of ``dist [La, Lb]`` restricted to ``[:len_a, :len_b]``, as
+  libri-light's ``dtw.pyx`` (``_dtw(..., normalized=True)``).
 
-  Runs over anti-diagonals (``2L - 1`` sequential steps of width L). Among equal-cost
-  predecessors the diagonal step is preferred, then the vertical one.
+  The accumulated cost is divided by the length of the path that libri-light backtracks from the
+  last cell: among equal-cost predecessors it prefers the diagonal step, then (i, j-1), then
+  (i-1, j). The cost is tie-invariant; the path length (hence the result) is not, and it is not
+  symmetric: ``dtw(dist)`` may differ from ``dtw(dist.T)`` on ties. With ``both``, returns
+  ``[dtw(dist, len_a, len_b), dtw(dist.T, len_b, len_a)]`` from one pass (the second path prefers
+  (i-1, j) over (i, j-1)).
+
+  Runs over anti-diagonals (``La + Lb - 1`` sequential steps of width La); the path length of the
+  preferred predecessor is carried forward, which gives the backtracked path's length.
   """
   la, lb = dist.shape
   i = jnp.arange(la)
@@ -72,32 +96,39 @@ def dtw(dist: jax.Array, len_a: jax.Array, len_b: jax.Array) -> jax.Array:
   def shift(v, fill):  # v[i - 1], with fill at i = 0
     return jnp.concatenate([jnp.full((1,), fill, v.dtype), v[:-1]])
 
+  def pick(cand_c, cand_n):  # path length of the first minimum (argmin takes the first)
+    best = jnp.argmin(cand_c, axis=0)
+    return jnp.take_along_axis(cand_n, best[None], 0)[0]
+
   def step(carry, k):
-    c1, n1, c2, n2, out = carry  # diagonals k-1 and k-2 (cost, path length), result
+    # Diagonals k-1 and k-2: cost, path lengths with (i, j-1) / (i-1, j) preferred on ties; result.
+    c1, n1, m1, c2, n2, m2, out = carry
     j = k - i
     ok = (j >= 0) & (j < lb)
     d = dist[i, jnp.clip(j, 0, lb - 1)]
-    cand_c = jnp.stack([shift(c2, _BIG), shift(c1, _BIG), c1])  # diag, up (i-1, j), left (i, j-1)
-    cand_n = jnp.stack([shift(n2, 0.0), shift(n1, 0.0), n1])
-    best = jnp.argmin(cand_c, axis=0)
-    prev_c = jnp.take_along_axis(cand_c, best[None], 0)[0]
-    prev_n = jnp.take_along_axis(cand_n, best[None], 0)[0]
+    diag, left, up = shift(c2, _BIG), c1, shift(c1, _BIG)  # (i-1, j-1), (i, j-1), (i-1, j)
+    prev_c = jnp.minimum(diag, jnp.minimum(left, up))
+    prev_n = pick(jnp.stack([diag, left, up]), jnp.stack([shift(n2, 0.0), n1, shift(n1, 0.0)]))
+    prev_m = pick(jnp.stack([diag, up, left]), jnp.stack([shift(m2, 0.0), shift(m1, 0.0), m1]))
     start = (i == 0) & (j == 0)
     c = jnp.where(start, d, jnp.where(ok & (prev_c < _BIG), d + prev_c, _BIG))
     n = jnp.where(start, 1.0, prev_n + 1.0)
+    m = jnp.where(start, 1.0, prev_m + 1.0)
     here = k == len_a + len_b - 2
-    out = jnp.where(here, c[len_a - 1] / n[len_a - 1], out)
-    return (c, n, c1, n1, out), None
+    res = jnp.stack([c[len_a - 1] / n[len_a - 1], c[len_a - 1] / m[len_a - 1]])
+    out = jnp.where(here, res, out)
+    return (c, n, m, c1, n1, m1, out), None
 
-  init = (inf, zero, inf, zero, jnp.float32(_BIG))
-  (_, _, _, _, out), _ = jax.lax.scan(step, init, jnp.arange(la + lb - 1))
-  return out
+  init = (inf, zero, zero, inf, zero, zero, jnp.full((2,), _BIG, jnp.float32))
+  (*_, out), _ = jax.lax.scan(step, init, jnp.arange(la + lb - 1))
+  return out if both else out[0]
 
 
 @functools.cache
 def _batched_dtw(metric: str):
-  """jit(vmap(DTW)) over a batch of item pairs ``[P, L, D]`` x2 -> ``[P]``, one per metric."""
-  pair = lambda xa, na, xb, nb: dtw(frame_distances(xa, xb, metric), na, nb)
+  """jit(vmap(DTW)) over a batch of item pairs ``[P, L, D]`` x2 -> ``[P, 2]`` (both orientations),
+  one per metric."""
+  pair = lambda xa, na, xb, nb: dtw(frame_distances(xa, xb, metric), na, nb, both=True)
   return jax.jit(jax.vmap(pair))
 
 
@@ -117,11 +148,13 @@ def pad_items(features: Sequence[np.ndarray], max_frames: int | None = None):
 
 
 def pair_distances(
-  padded: np.ndarray, lengths: np.ndarray, pairs: np.ndarray, metric: str = "cosine",
+  padded: np.ndarray, lengths: np.ndarray, pairs: np.ndarray, metric: str = "angular",
   batch_size: int = 512,
 ) -> np.ndarray:
-  """DTW distance for each pair of item indices ``pairs [P, 2]`` -> ``[P]`` (fixed-size batches)."""
-  out = np.zeros(len(pairs), np.float32)
+  """DTW distances of the item pairs ``pairs [P, 2]`` -> ``[P, 2]`` (fixed-size batches): column 0
+  with the frames of ``pairs[:, 0]`` as DTW rows, column 1 with those of ``pairs[:, 1]`` (the two
+  differ only on ties, see ``dtw``)."""
+  out = np.zeros((len(pairs), 2), np.float32)
   x = jnp.asarray(padded)
   n = jnp.asarray(lengths)
   for s in range(0, len(pairs), batch_size):
@@ -148,32 +181,60 @@ def _triplet_error(d_ax: np.ndarray, d_bx: np.ndarray, same: bool) -> float:
   return float(err.mean())
 
 
+def _average(cells: dict, averaging: str) -> float:
+  """Final score (percent) of ``{(context, speaker, speaker of X or None, a, b): error}``.
+
+  ``"libri-light"``: mean over (context, X speaker) per (speaker, a, b), then over speakers per
+  (a, b), then over pairs; ``"pair_cells"``: mean over all cells of a pair, then over pairs.
+  """
+  if not cells:
+    return float("nan")
+  by_spk: dict = defaultdict(list)  # (speaker, a, b) -> errors over (context, X speaker)
+  by_pair: dict = defaultdict(list)  # (a, b) -> errors
+  for (_, s, _, a, b), err in cells.items():
+    by_spk[(s, a, b)].append(err)
+    by_pair[(a, b)].append(err)
+  if averaging == "libri-light":
+    by_pair = defaultdict(list)
+    for (_, a, b), errs in by_spk.items():
+      by_pair[(a, b)].append(float(np.mean(errs)))
+  return 100.0 * float(np.mean([np.mean(v) for v in by_pair.values()]))
+
+
 def abx_error(
   features: Sequence[np.ndarray],
   labels: Sequence[Hashable],
   contexts: Sequence[Hashable],
   speakers: Sequence[Hashable],
-  metric: str = "cosine",
+  metric: str = "angular",
   max_frames: int | None = None,
   batch_size: int = 512,
   max_items_per_cell: int | None = None,
   seed: int = 0,
+  averaging: str = "libri-light",
 ) -> dict[str, float]:
   """ABX error rates (percent) within and across speakers.
 
   Args:
     features: one ``[L_i, D]`` array per item.
     labels, contexts, speakers: per-item category (phone), context, speaker.
-    metric: ``"cosine"`` or ``"angular"`` frame distance.
+    metric: frame distance, ``"angular"`` (= ``"cosine"``, libri-light's) or ``"one_minus_cos"``
+      (see ``frame_distances``).
     max_frames: truncate items longer than this (bounds the DTW size).
     batch_size: item pairs per DTW call (fixed shape: one compilation).
     max_items_per_cell: keep at most this many random items per (context, speaker, label) cell
-      (bounds the quadratic number of pairs on large corpora); ``seed`` picks them.
+      (bounds the quadratic number of pairs on large corpora); ``seed`` picks them. Unlike
+      libri-light (which redraws at most ``max_size_group`` items per triplet group and at most 5
+      X speakers across), the draw is made once and every other speaker serves as X.
+    averaging: ``"libri-light"`` (contexts, then speakers, then pairs; see the module docstring)
+      or ``"pair_cells"`` (the former order: every cell of a pair equally, then pairs).
 
   Returns:
     ``{"abx_within": %, "abx_across": %, "num_within_cells": n, "num_across_cells": n}``;
     a rate is ``nan`` when no triplet exists for it.
   """
+  if averaging not in ("libri-light", "pair_cells"):
+    raise ValueError(f"averaging must be 'libri-light' or 'pair_cells', got {averaging!r}")
   n_items = len(features)
   if not (len(labels) == len(contexts) == len(speakers) == n_items):
     raise ValueError("features, labels, contexts and speakers must have the same length")
@@ -188,44 +249,48 @@ def abx_error(
   for (c, _, _), idx in cells.items():
     by_context[c].extend(idx)
 
-  # DTW distances for every pair of items sharing a context (all triplets live in one context).
+  # DTW distances for every pair of items sharing a context (all triplets live in one context);
+  # dist[r, c]: the frames of item r are the DTW rows (libri-light puts X's there).
   pairs = np.array([p for idx in by_context.values() for p in itertools.combinations(idx, 2)],
                    dtype=np.int64).reshape(-1, 2)
   padded, lengths = pad_items(features, max_frames)
   dist = np.full((n_items, n_items), np.nan)
   if len(pairs):
     d = pair_distances(padded, lengths, pairs, metric, batch_size)
-    dist[pairs[:, 0], pairs[:, 1]] = d
-    dist[pairs[:, 1], pairs[:, 0]] = d
+    dist[pairs[:, 0], pairs[:, 1]] = d[:, 0]
+    dist[pairs[:, 1], pairs[:, 0]] = d[:, 1]
   np.fill_diagonal(dist, 0.0)
 
-  groups: dict = defaultdict(dict)  # context -> speaker -> label -> indices
+  groups: dict = defaultdict(dict)  # context -> speaker -> label -> indices (ascending)
   for (c, s, y), idx in cells.items():
     groups[c].setdefault(s, {})[y] = np.array(idx)
 
-  within, across = defaultdict(list), defaultdict(list)
-  for spk in groups.values():
+  def x_rows(ix, iy):  # [len(iy), len(ix)]: d(Y, X) with X's frames as the DTW rows
+    return dist[np.ix_(ix, iy)].T
+
+  within, across = {}, {}  # (context, speaker, speaker of X, a, b) -> error
+  for c, spk in groups.items():
     for s, lab in spk.items():
       for a, b in itertools.permutations(lab, 2):
         ia, ib = lab[a], lab[b]
         if len(ia) >= 2:
-          within[(a, b)].append(_triplet_error(dist[np.ix_(ia, ia)], dist[np.ix_(ib, ia)], True))
+          # A and X of one cell: the earlier item's frames are the rows (libri-light's symmetric
+          # computation of d(A, X) within a group).
+          blk = dist[np.ix_(ia, ia)]
+          upper = np.arange(len(ia))[:, None] <= np.arange(len(ia))[None, :]
+          d_ax = np.where(upper, blk, blk.T)
+          within[(c, s, None, a, b)] = _triplet_error(d_ax, x_rows(ia, ib), True)
         for s2, lab2 in spk.items():
           if s2 == s or a not in lab2:
             continue
           ix = lab2[a]
-          across[(a, b)].append(_triplet_error(dist[np.ix_(ia, ix)], dist[np.ix_(ib, ix)], False))
-
-  def score(table):
-    if not table:
-      return float("nan")
-    return 100.0 * float(np.mean([np.mean(v) for v in table.values()]))
+          across[(c, s, s2, a, b)] = _triplet_error(x_rows(ix, ia), x_rows(ix, ib), False)
 
   return {
-    "abx_within": score(within),
-    "abx_across": score(across),
-    "num_within_cells": sum(len(v) for v in within.values()),
-    "num_across_cells": sum(len(v) for v in across.values()),
+    "abx_within": _average(within, averaging),
+    "abx_across": _average(across, averaging),
+    "num_within_cells": len(within),
+    "num_across_cells": len(across),
   }
 
 
@@ -262,7 +327,7 @@ def evaluate_abx(ctx, wavs, rows, layer: int, max_items_per_cell: int = 5,
       spk.append(row["speaker"])
   if not items:
     raise EvalError("abx: no phone segment in context found in the manifest")
-  r = abx_error(items, ys, ctxs, spk, metric="cosine", max_frames=32,
+  r = abx_error(items, ys, ctxs, spk, metric="angular", max_frames=32,
                 max_items_per_cell=max_items_per_cell, seed=seed)
   return {"abx_within": r["abx_within"], "abx_across": r["abx_across"]}
 

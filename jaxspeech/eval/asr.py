@@ -2,9 +2,17 @@
 
 Error rates are corpus-level, as jiwer and sclite report them: the sum over utterances of the
 Levenshtein distance (unit-cost substitutions, deletions, insertions) between reference and
-hypothesis token sequences, divided by the total number of reference tokens. Tokens are words
-(WER: whitespace-split), characters (CER: every character of the whitespace-normalised string,
-spaces included, as jiwer.cer counts them) or phones (PER: the space-separated phone strings).
+hypothesis token sequences, divided by the total number of reference tokens.
+
+- WER and CER on strings are jiwer's own (`jiwer.wer`, `jiwer.cer`, jiwer 4.0 defaults). Words:
+  leading and trailing whitespace stripped, runs of two or more whitespace characters made one
+  space, then split on the space character only (a lone tab or no-break space stays inside a word).
+  Characters: leading and trailing whitespace stripped, every other character counted (spaces,
+  tabs and repeated spaces included). When every reference is empty (after stripping) jiwer returns
+  the number of hypothesis tokens (insertions), not a rate: 0.0 for empty hypotheses too, and 0.0
+  for no utterance at all; an empty reference among others adds no reference token.
+- PER (`per`, `error_rate`): phone token lists (or whitespace-split phone strings) through
+  `edit_distance`; references without any token raise a ValueError.
 
     python -m jaxspeech.evaluate --task ctc --checkpoint DIR --manifest M [--split test]
 
@@ -47,16 +55,23 @@ def error_rate(refs: Sequence[Sequence], hyps: Sequence[Sequence]) -> float:
   return sum(edit_distance(r, h) for r, h in zip(refs, hyps)) / total
 
 
-def _normalise(text: str) -> str:
-  return ' '.join(text.split())
+def _jiwer(measure: str, refs: Sequence[str], hyps: Sequence[str]) -> float:
+  import jiwer  # lazily: only the string error rates need it
+
+  refs, hyps = list(refs), list(hyps)
+  if len(refs) != len(hyps):
+    raise ValueError(f'{len(refs)} references but {len(hyps)} hypotheses')
+  return float(getattr(jiwer, measure)(refs, hyps))
 
 
 def wer(refs: Sequence[str], hyps: Sequence[str]) -> float:
-  return error_rate([r.split() for r in refs], [h.split() for h in hyps])
+  """Corpus word error rate, `jiwer.wer` (see the module docstring for tokens and empty refs)."""
+  return _jiwer('wer', refs, hyps)
 
 
 def cer(refs: Sequence[str], hyps: Sequence[str]) -> float:
-  return error_rate([_normalise(r) for r in refs], [_normalise(h) for h in hyps])
+  """Corpus character error rate, `jiwer.cer` (see the module docstring)."""
+  return _jiwer('cer', refs, hyps)
 
 
 def per(refs: Sequence[str], hyps: Sequence[str]) -> float:

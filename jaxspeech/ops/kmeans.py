@@ -7,10 +7,17 @@ Every point carries a validity mask (True = real point, False = padding); paddin
 centroid, never counts towards inertia and is never picked as a seed. Shapes are static: ``k`` and
 ``iters`` are Python ints.
 
-Empty clusters (no valid point assigned in a Lloyd step) are moved onto the valid points farthest
-from their current centroids, one distinct point per empty cluster (scikit-learn's strategy). This
-keeps the inertia sequence non-increasing: an empty cluster carries no points, so moving it cannot
-raise the cost of the current assignment, and the next assignment can only lower it.
+Empty clusters (no valid point assigned in a Lloyd step) are relocated as scikit-learn's Lloyd
+step does (``_relocate_empty_clusters_dense``): the j-th empty cluster takes the j-th valid point
+farthest from its current centroid, and that point leaves its old cluster's mean. A cluster left
+with no point is placed at the mean of the largest cluster (the first one on equal counts, as
+scikit-learn intends; scikit-learn itself copies that cluster's unnormalised sum when it comes
+later in index order). Nothing is relocated when every valid point sits on its centroid. Among
+the farthest points, ties go to the lowest index (scikit-learn's ``argpartition`` order is
+unspecified, so on several empty clusters the two may differ by a permutation of those clusters).
+The inertia sequence stays non-increasing: a relocated point's cost drops to 0 and every other
+point keeps its cluster, whose mean can only lower their cost; the next assignment can only lower
+it again.
 """
 
 from __future__ import annotations
@@ -103,7 +110,7 @@ def _cluster_sums(x, valid, ids, k):
 def kmeans_step(
   x: jax.Array, mask: jax.Array | None, centroids: jax.Array, chunk_size: int | None = None
 ) -> tuple[jax.Array, jax.Array]:
-  """One Lloyd step: assign, recompute means, relocate empty clusters.
+  """One Lloyd step: assign, relocate empty clusters (scikit-learn's way), recompute means.
 
   Returns ``(new_centroids [K, D], inertia)`` where ``inertia`` is the cost of the assignment to
   the *input* centroids.
@@ -113,15 +120,23 @@ def kmeans_step(
   ids, d = kmeans_assign(x, centroids, chunk_size)  # [N], [N]
   d = jnp.where(valid, d, 0.0)
   sums, counts = _cluster_sums(x, valid, ids, k)
-  means = sums / jnp.maximum(counts, 1.0)[:, None]
   empty = counts == 0  # [K]
   # The j-th empty cluster (in index order) takes the j-th farthest valid point.
   n_far = min(k, x.shape[0])
-  _, far = lax.top_k(jnp.where(valid, d, -1.0), n_far)  # [min(K, N)]
-  slot = jnp.clip(jnp.cumsum(empty) - 1, 0, n_far - 1)  # [K]
-  far_ok = jnp.take(jnp.where(valid, d, -1.0), far)[slot] > 0  # only strictly worse-off points
-  relocate = empty & far_ok
-  new = jnp.where(relocate[:, None], x[far[slot]], jnp.where(empty[:, None], centroids, means))
+  far_d, far = lax.top_k(jnp.where(valid, d, -1.0), n_far)  # [min(K, N)], descending
+  rank = jnp.cumsum(empty) - 1  # [K]
+  slot = jnp.clip(rank, 0, n_far - 1)
+  moved = far[slot]  # [K] the point each cluster would take
+  relocate = empty & (rank < n_far) & valid[moved] & (far_d[0] > 0)  # [K]
+  w = relocate.astype(jnp.float32)
+  # The moved points leave their old clusters (never an empty one) and found the empty ones.
+  sums = sums.at[ids[moved]].add(-w[:, None] * x[moved])
+  counts = counts.at[ids[moved]].add(-w)
+  sums = jnp.where(relocate[:, None], x[moved], sums)
+  counts = jnp.where(relocate, 1.0, counts)
+  means = sums / jnp.maximum(counts, 1.0)[:, None]
+  biggest = means[jnp.argmax(counts)]  # no valid point at all: the centroids stay
+  new = jnp.where((counts > 0)[:, None], means, jnp.where(jnp.any(valid), biggest, centroids))
   return new, jnp.sum(d)
 
 

@@ -1,8 +1,10 @@
-"""Edit distance and PER/WER/CER against hand-checked values (jiwer/sclite definitions)."""
+"""Edit distance and PER/WER/CER against hand-checked values and jiwer 4.0 (WER/CER on strings:
+jiwer's tokenisation of whitespace, empty references)."""
 
 from __future__ import annotations
 
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -56,10 +58,62 @@ def test_wer_is_corpus_level():
   assert asr.wer(['one'], ['two three four']) == pytest.approx(3.0)  # can exceed 1
 
 
-def test_cer_counts_spaces_and_normalises_whitespace():
+def test_cer_counts_spaces():
   assert asr.cer(['abc'], ['abd']) == pytest.approx(1 / 3)
   assert asr.cer(['a b'], ['ab']) == pytest.approx(1 / 3)  # the space is a character
-  assert asr.cer(['a  b '], ['a b']) == 0.0  # runs of whitespace collapse
+
+
+NBSP = '\u00a0'
+
+
+@pytest.mark.parametrize('ref,hyp,want_wer,want_cer', [
+  ('a  b', 'a b', 0.0, 1 / 4),  # words: runs of spaces collapse; characters: both spaces count
+  ('a\tb', 'a b', 2.0, 1 / 3),  # a lone tab joins "a\tb" into one word (1 sub + 1 ins)
+  (f'a{NBSP}b', 'a b', 2.0, 1 / 3),  # so does a lone no-break space
+  ('a \t b', 'a b', 0.0, 2 / 5),  # a run of any whitespace is one space between words
+  (f' {NBSP}a b\n', 'a b', 0.0, 0.0),  # leading and trailing whitespace stripped
+])
+def test_wer_cer_whitespace_as_jiwer(ref, hyp, want_wer, want_cer):
+  jiwer = pytest.importorskip('jiwer')
+  assert asr.wer([ref], [hyp]) == pytest.approx(want_wer)
+  assert asr.cer([ref], [hyp]) == pytest.approx(want_cer)
+  assert asr.wer([ref], [hyp]) == jiwer.wer(ref, hyp)
+  assert asr.cer([ref], [hyp]) == jiwer.cer(ref, hyp)
+
+
+def test_wer_cer_empty_references_as_jiwer():
+  pytest.importorskip('jiwer')
+  # Every reference empty (after stripping): the count of hypothesis tokens, not a rate.
+  assert asr.wer(['', '  '], ['a b', 'c']) == 3.0
+  assert asr.cer(['', '  '], ['a b', 'c']) == 4.0  # 'a', ' ', 'b', 'c'
+  assert asr.wer([''], ['']) == 0.0 and asr.cer([''], [' ']) == 0.0
+  assert asr.wer([], []) == 0.0
+  # An empty reference among others adds insertions and no reference token.
+  assert asr.wer(['', 'a b'], ['x', 'a b']) == pytest.approx(1 / 2)
+  with pytest.raises(ValueError, match='2 references but 1'):
+    asr.wer(['a', 'b'], ['a'])
+
+
+def _jiwer_words(s):
+  """jiwer 4.0's default WER transform, as the module docstring states it."""
+  return [w for w in re.sub(r'\s\s+', ' ', s).strip().split(' ') if w]
+
+
+def test_wer_cer_match_documented_tokenisation_on_random_strings():
+  pytest.importorskip('jiwer')
+  rng = np.random.default_rng(0)
+  alphabet = ['a', 'b', 'c', ' ', ' ', '\t', NBSP, '\n']
+  for _ in range(200):
+    n = int(rng.integers(1, 4))
+    refs = [''.join(rng.choice(alphabet, rng.integers(0, 10))) for _ in range(n)]
+    hyps = [''.join(rng.choice(alphabet, rng.integers(0, 10))) for _ in range(n)]
+    for tokens, got in ((_jiwer_words, asr.wer(refs, hyps)),
+                        (lambda s: list(s.strip()), asr.cer(refs, hyps))):
+      r, h = [tokens(x) for x in refs], [tokens(x) for x in hyps]
+      edits = sum(asr.edit_distance(a, b) for a, b in zip(r, h))
+      total = sum(len(a) for a in r)
+      want = edits / total if total else float(sum(len(b) for b in h))
+      assert got == pytest.approx(want), (refs, hyps)
 
 
 def test_per_on_phone_strings():

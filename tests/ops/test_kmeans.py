@@ -89,18 +89,50 @@ def test_step_matches_numpy_lloyd():
 
 
 def test_empty_cluster_relocated_to_farthest_point():
-  x = np.array([[0.0], [0.1], [0.2], [10.0]], np.float32)
-  c0 = np.array([[0.1], [10.0], [100.0]], np.float32)  # centroid 2 gets no points
+  x = np.array([[0.0], [0.5], [1.0], [4.0], [10.0], [11.0]], np.float32)
+  c0 = np.array([[1.0], [10.5], [100.0]], np.float32)  # centroid 2 gets no points
   new, _ = kmeans_step(x, None, c0)
-  # Assignments: {0, .1, .2} -> 0 (mean .1, distances .01, 0, .01), {10} -> 1; farthest = 0 or .2,
-  # the first in top_k order among equals.
-  new = np.asarray(new)
-  np.testing.assert_allclose(new[:2, 0], [0.1, 10.0], rtol=1e-6)
-  assert new[2, 0] in (0.0, np.float32(0.2))
+  # Assignments: {0, .5, 1, 4} -> 0 (distances 1, .25, 0, 9), {10, 11} -> 1. The farthest point,
+  # 4, founds cluster 2 and leaves cluster 0, whose mean becomes .5 (1.375 had it stayed).
+  np.testing.assert_array_equal(np.asarray(new), [[0.5], [10.5], [4.0]])
   # Padding is never a relocation target.
   xm = np.concatenate([x, [[500.0]]]).astype(np.float32)
-  new_m, _ = kmeans_step(xm, np.array([1, 1, 1, 1, 0], bool), c0)
+  new_m, _ = kmeans_step(xm, np.array([1, 1, 1, 1, 1, 1, 0], bool), c0)
   np.testing.assert_array_equal(np.asarray(new_m), new)
+  # A singleton moved away leaves its cluster empty: it goes to the largest cluster's mean.
+  # {0, 1} -> 0, {10} -> 1 (distance 25), cluster 2 empty: 10 moves to 2, cluster 1 -> .5.
+  x = np.array([[0.0], [1.0], [10.0]], np.float32)
+  new, _ = kmeans_step(x, None, np.array([[0.5], [15.0], [100.0]], np.float32))
+  np.testing.assert_array_equal(np.asarray(new), [[0.5], [0.5], [10.0]])
+  # Two empty clusters take the farthest and the second farthest point, in index order.
+  x = np.array([[0.0], [1.0], [7.0], [-4.0]], np.float32)  # -> 0 (distances 0, 1, 49, 16)
+  new, _ = kmeans_step(x, None, np.array([[0.0], [50.0], [60.0]], np.float32))
+  np.testing.assert_array_equal(np.asarray(new), [[0.5], [7.0], [-4.0]])
+  # Every point on its centroid (more clusters than distinct points): nothing moves, the empty
+  # cluster goes to the largest cluster's mean.
+  x = np.array([[1.0], [1.0], [2.0]], np.float32)
+  new, inertia = kmeans_step(x, None, np.array([[1.0], [9.0], [2.0]], np.float32))
+  assert float(inertia) == 0.0
+  np.testing.assert_array_equal(np.asarray(new), [[1.0], [1.0], [2.0]])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_step_matches_sklearn_lloyd_with_empty_clusters(seed):
+  sklearn_cluster = pytest.importorskip("sklearn.cluster")
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(60, 3)).astype(np.float32)
+  # Five data points (each keeps at least itself) and three far-away centroids that get no point.
+  c0 = np.concatenate([x[rng.choice(60, 5, replace=False)],
+                       100.0 + rng.normal(size=(3, 3))]).astype(np.float32)
+  new, _ = jax.jit(kmeans_step)(x, None, c0)
+  km = sklearn_cluster.KMeans(8, init=c0.astype(np.float64), n_init=1, max_iter=1, tol=0.0,
+                              algorithm="lloyd").fit(x.astype(np.float64))
+  # Sorted rows: scikit-learn's order among the farthest points (argpartition) is unspecified.
+  order = lambda c: c[np.argsort(c[:, 0])]
+  np.testing.assert_allclose(order(np.asarray(new)), order(km.cluster_centers_), rtol=1e-5,
+                             atol=1e-5)
+  # Three relocated data points, removed from the means of the clusters they left.
+  assert np.all(np.abs(np.asarray(new)) < 10.0)
 
 
 def test_random_init_distinct_valid_points():
