@@ -68,8 +68,8 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
     logging.info('reusing the feature cache %s', out_dir)
     return os.path.join(out_dir, 'manifest.jsonl')
   rows = read_manifest(manifest)
-  wavs = [load_audio(r['path']) for r in rows]
   t0 = time.perf_counter()
+  wavs = [load_audio(r['path']) for r in rows]
   mfccs = utterance_mfccs(wavs)
   if encoder == 'mfcc':
     feats = mfccs
@@ -78,9 +78,10 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
   else:
     ctx = workdir_lib.load_context(encoder)
     feats = common.layer_outputs(ctx, wavs, common.layer_index(ctx, layer), batch_size)
-  logging.info('features of %d utterances (%s, layer %s) in %.0f s', len(rows), source, layer,
-               time.perf_counter() - t0)
-  return feature_cache.write_feature_cache(out_dir, rows, feats, mfccs, meta=meta)
+  out = feature_cache.write_feature_cache(out_dir, rows, feats, mfccs, meta=meta)
+  logging.info('features of %d utterances (%s, layer %s) + MFCC k-means targets in %.0f s',
+               len(rows), source, layer, time.perf_counter() - t0)
+  return out
 
 
 def oracle_features(rows: list[dict], frames: Sequence[int], noise: float = 0.3,
