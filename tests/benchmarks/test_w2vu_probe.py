@@ -19,6 +19,6 @@ def test_probe_separates_shifted_sequences_and_not_identical_ones():
   text = [[str(x) for x in rng.integers(0, 6, 12)] for _ in range(200)]
   same = probe(text[:100], text[100:], steps=150, seed=0)
   # A different distribution: every sequence ends in a token the text never has.
-  other = probe([s + ['z'] for s in text[:100]], text[100:], steps=150, seed=0)
+  other = probe([s + ["z"] for s in text[:100]], text[100:], steps=150, seed=0)
   assert same['accuracy'] < 0.7, same
   assert other['accuracy'] > 0.9, other

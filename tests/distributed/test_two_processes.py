@@ -89,6 +89,7 @@ def _process(i: int, *extra: str) -> list[str]:
           '--process_id', str(i), '--distributed_timeout', '120', *extra]
 
 
+@pytest.mark.slow  # 45 s on 2 cores; the 1-vs-8-device equality runs by default (tests/train)
 def test_two_processes_match_one_process_with_eight_devices(tmp_path):
   steps = [f'--config.train.num_steps={NUM_STEPS}', f'--config.train.checkpoint_every={NUM_STEPS}']
   text = _run_all(tmp_path, {

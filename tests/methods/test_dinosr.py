@@ -144,7 +144,7 @@ def test_loss_fn_metrics_and_codebook_state():
   assert changed.any() and not changed.all()
 
 
-@pytest.mark.parametrize('target_output', ['ffn', 'block'])
+@pytest.mark.parametrize('target_output', ['ffn', pytest.param('block', marks=pytest.mark.slow)])
 def test_evaluate_codebook_units_are_the_training_targets(target_output):
   """`jaxspeech.evaluate`'s `--codebook` units of a layer equal the targets the loss assigns to
   that layer (teacher on unmasked input, FFN or block outputs, instance norm, nearest codeword),
