@@ -30,6 +30,7 @@ WORKDIR/results.json and WORKDIR/results.md hold the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging as logging_std
 import os
@@ -160,28 +161,24 @@ def _nonfinite_steps(workdir: str) -> int:
 
 
 def apply_overrides(config, items: Sequence[str]) -> None:
-  """`key=value` strings onto a locked ConfigDict; the value is parsed as the field's type."""
+  """`key=value` strings onto a locked ConfigDict; the value is parsed as the field's type and
+  set with `ConfigDict.update_from_flattened_dict`."""
+  flat = {}
   for item in items:
     key, sep, raw = item.partition('=')
     if not sep:
       raise ValueError(f'--set {item!r}: expected KEY=VALUE')
-    node, *path = key.split('.')
-    parent = config
-    for part in [node, *path][:-1]:
-      if part not in parent:
-        raise KeyError(f'--set {item!r}: config has no field {key!r}')
-      parent = parent[part]
-    leaf = key.split('.')[-1]
-    if leaf not in parent:
-      raise KeyError(f'--set {item!r}: config has no field {key!r}')
-    old = parent[leaf]
+    try:
+      old = functools.reduce(lambda node, k: node[k], key.split('.'), config)
+    except (KeyError, TypeError):
+      raise KeyError(f'--set {item!r}: config has no field {key!r}') from None
     if isinstance(old, bool):
       if raw.lower() not in ('true', 'false', '1', '0'):
         raise ValueError(f'--set {item!r}: {key} is a bool')
-      value = raw.lower() in ('true', '1')
+      flat[key] = raw.lower() in ('true', '1')
     else:
-      value = type(old)(raw)
-    parent[leaf] = value
+      flat[key] = type(old)(raw)
+  config.update_from_flattened_dict(flat)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:

@@ -189,15 +189,16 @@ def _average(cells: dict, averaging: str) -> float:
   """
   if not cells:
     return float("nan")
-  by_spk: dict = defaultdict(list)  # (speaker, a, b) -> errors over (context, X speaker)
-  by_pair: dict = defaultdict(list)  # (a, b) -> errors
-  for (_, s, _, a, b), err in cells.items():
-    by_spk[(s, a, b)].append(err)
-    by_pair[(a, b)].append(err)
+  by_pair: dict = defaultdict(list)  # (a, b) -> errors (pair_cells) or speaker means
   if averaging == "libri-light":
-    by_pair = defaultdict(list)
+    by_spk: dict = defaultdict(list)  # (speaker, a, b) -> errors over (context, X speaker)
+    for (_, s, _, a, b), err in cells.items():
+      by_spk[(s, a, b)].append(err)
     for (_, a, b), errs in by_spk.items():
       by_pair[(a, b)].append(float(np.mean(errs)))
+  else:
+    for (*_, a, b), err in cells.items():
+      by_pair[(a, b)].append(err)
   return 100.0 * float(np.mean([np.mean(v) for v in by_pair.values()]))
 
 
