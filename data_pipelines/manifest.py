@@ -32,6 +32,7 @@ import sys
 from collections.abc import Iterable
 
 from jaxspeech.audio import AudioError, load_audio, read_info
+from jaxspeech.errors import UserError
 
 LAYOUTS = ("librispeech", "fsdd", "folder", "speechbrain")
 AUDIO_EXTS = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif")
@@ -39,7 +40,7 @@ REQUIRED = ("path", "n_samples", "sample_rate", "speaker")
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
   """Bad audio files or malformed manifest rows; the message names each file / line."""
 
 

@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxspeech.errors import UserError
+
 if TYPE_CHECKING:
   import soundfile as sf
 
 SAMPLE_RATE = 16_000
 
 
-class AudioError(ValueError):
+class AudioError(UserError, ValueError):
   """A file that cannot be used as audio; the message names the file and the reason."""
 
 

@@ -22,10 +22,12 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from jaxspeech.errors import UserError
+
 PyTree = Any
 
 
-class EvalError(Exception):
+class EvalError(UserError):
   """A user-facing evaluation error (bad input, a task the model cannot do)."""
 
 

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxspeech.errors import UserError
 from jaxspeech.models.speech_encoder import (
   EncoderConfig,
   SpeechEncoder,
@@ -43,7 +44,7 @@ TASK_HEADS = (
 RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
   """A checkpoint that does not match the encoder; the message lists the keys."""
 
 
