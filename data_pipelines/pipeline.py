@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 from collections.abc import Sequence
 
@@ -45,7 +44,14 @@ import numpy as np
 import soundfile as sf
 
 from data_pipelines import phones as phones_lib
-from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, normalize_waveform, resample
+from jaxspeech.audio import (
+  SAMPLE_RATE,
+  AudioError,
+  load_audio,
+  missing_reason,
+  normalize_waveform,
+  resample,
+)
 
 PERTURB_MODES = (None, "praat", "jax")
 
@@ -77,7 +83,15 @@ class ManifestSource:
     row = self.rows[i]
     path, sr = row["path"], int(row["sample_rate"])
     if start == 0 and length >= self.lengths[i]:
-      return load_audio(path, SAMPLE_RATE)  # whole file: load_audio checks everything
+      # Whole file: load_audio checks everything; the rate must be the row's (a file resampled
+      # after the manifest was built would otherwise be read at its new rate, with the old
+      # length's bucket), and so must the length.
+      wav = load_audio(path, SAMPLE_RATE, expect_sr=sr)
+      if wav.shape[0] != self.lengths[i]:
+        raise AudioError(f"{path}: {wav.shape[0]} samples at 16 kHz, the manifest row says "
+                         f"{self.lengths[i]} (n_samples={row['n_samples']} at {sr} Hz); the "
+                         "file changed after the manifest was built: rebuild it")
+      return wav
     # Read only the window (plus a margin so the resampling filter sees real neighbours): long
     # files cropped to short buckets would otherwise be decoded and resampled in full.
     period = sr // math.gcd(sr, SAMPLE_RATE)  # native samples that map to whole 16 kHz samples
@@ -86,14 +100,19 @@ class ManifestSource:
     n0 -= n0 % period  # align the window to the polyphase period (exact output positions)
     lo = max(0, n0 - margin)
     frames = (length * sr // SAMPLE_RATE) + 2 * margin + 2 * period
-    if not os.path.exists(path):
-      raise AudioError(f"{path}: no such file")
+    if (why := missing_reason(path)) is not None:
+      raise AudioError(f"{path}: {why}")
     try:
-      wav, _ = sf.read(path, start=lo, frames=frames + (n0 - lo), dtype="float32", always_2d=True)
+      wav, file_sr = sf.read(path, start=lo, frames=frames + (n0 - lo), dtype="float32",
+                             always_2d=True)
     except Exception as e:
       raise AudioError(f"{path}: unreadable audio ({e})") from e
+    if file_sr != sr:
+      raise AudioError(f"{path}: the file's sample rate is {file_sr} Hz, the manifest row says "
+                       f"{sr} Hz (the file changed after the manifest was built; rebuild it)")
     if wav.shape[0] == 0:
-      raise AudioError(f"{path}: empty audio window at sample {lo}")
+      raise AudioError(f"{path}: empty audio window at sample {lo}: the file is shorter than "
+                       f"the manifest row says (n_samples={row['n_samples']}); rebuild it")
     if not np.all(np.isfinite(wav)):
       raise AudioError(f"{path}: audio contains NaN or inf")
     wav = wav.mean(axis=1)  # [S] mono

@@ -37,6 +37,7 @@ import soundfile as sf
 from data_pipelines import phones as phones_lib
 from data_pipelines.manifest import read_manifest, write_manifest
 from jaxspeech.audio import SAMPLE_RATE, resample
+from jaxspeech.errors import UserError, run_cli
 
 MBROLA_DIR = "/usr/share/mbrola"
 _VERSION = 1  # bump when the output format or rendering changes (invalidates caches)
@@ -147,8 +148,12 @@ def pho_to_alignment(segments: list[tuple[str, float]]) -> list[list]:
   return ali
 
 
+class MissingToolError(UserError, RuntimeError):
+  """espeak-ng, mbrola or an MBROLA voice is not installed; the message says which and how."""
+
+
 def check_tools(voices) -> None:
-  """Raises RuntimeError naming what is missing (espeak-ng, mbrola, a voice database)."""
+  """Raises MissingToolError naming what is missing (espeak-ng, mbrola, a voice database)."""
   missing = [b for b in ("espeak-ng", "mbrola") if shutil.which(b) is None]
   missing += [
     f"{MBROLA_DIR}/{v}/{v} (Debian package mbrola-{v})"
@@ -156,7 +161,7 @@ def check_tools(voices) -> None:
     if not os.path.exists(f"{MBROLA_DIR}/{v}/{v}")
   ]
   if missing:
-    raise RuntimeError(
+    raise MissingToolError(
       "synthetic speech needs espeak-ng and MBROLA voices; missing: "
       + ", ".join(missing)
       + ". Run scripts/setup.sh (apt: espeak-ng mbrola mbrola-us1 mbrola-us2 mbrola-us3 "
@@ -320,10 +325,17 @@ def main(argv: list[str] | None = None) -> int:
   ap.add_argument("--text-file", help="one sentence a line (default: the built-in grammar)")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  if args.num_utterances < 1:
+    ap.error(f"--num-utterances={args.num_utterances}: must be >= 1")
+  unknown = sorted(set(args.voices.split(",")) - set(SPEAKERS))
+  if unknown:
+    ap.error(f"--voices: unknown speaker(s) {unknown}; choose from {sorted(SPEAKERS)}")
   sentences = None
   if args.text_file:
     with open(args.text_file) as f:
       sentences = f.read().splitlines()
+    if not any(x.strip() for x in sentences):
+      ap.error(f"--text-file {args.text_file}: holds no sentences")
   t0 = time.perf_counter()
   path = synthesize_corpus(
     args.out, args.num_utterances, seed=args.seed, voices=args.voices.split(","),
@@ -336,4 +348,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run_cli(main, prog="python -m data_pipelines.synth"))

@@ -21,6 +21,7 @@ import sys
 import numpy as np
 
 from data_pipelines.manifest import write_manifest
+from jaxspeech.errors import run_cli
 
 TWO_GAUSSIANS = ((-2.0, 0.5), (2.0, 0.5))  # (mean, std) of the two equally likely components
 
@@ -71,6 +72,10 @@ def main(argv=None) -> int:
   p.add_argument('--test-fraction', type=float, default=0.2, help='digits only')
   p.add_argument('--num-rows', type=int, default=4096, help='two_gaussians only')
   a = p.parse_args(argv)
+  if not 0.0 < a.test_fraction < 1.0:
+    p.error(f'--test-fraction={a.test_fraction}: must be in (0, 1)')
+  if a.num_rows < 1:
+    p.error(f'--num-rows={a.num_rows}: must be >= 1')
   if a.kind == 'digits':
     rows = digits_rows(a.test_fraction, a.seed)
   else:
@@ -81,4 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(run_cli(main, prog='python -m data_pipelines.tabular'))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import json
 import os
 import re
@@ -34,6 +35,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from data_pipelines import phones as phones_lib
+from data_pipelines.manifest import ManifestError
+from jaxspeech.errors import run_cli
 
 SILENCE = phones_lib.SILENCE
 
@@ -52,8 +55,10 @@ def phonemize_words(words: Iterable[str], voice: str = 'us1',
   lexicon = dict(lexicon or {})
   todo = sorted({w for w in words if w not in lexicon})
   if todo and shutil.which('espeak-ng') is None:
-    raise RuntimeError('phonemising text needs espeak-ng (apt-get install espeak-ng mbrola '
-                       f'mbrola-{voice}; scripts/setup.sh)')
+    from data_pipelines.synth import MissingToolError
+
+    raise MissingToolError('phonemising text needs espeak-ng (apt-get install espeak-ng '
+                           f'mbrola mbrola-{voice}; scripts/setup.sh)')
   for w in todo:
     pho = subprocess.run(['espeak-ng', '-v', f'mb-{voice}', '-q', '--pho', w], check=True,
                          capture_output=True, text=True).stdout
@@ -105,6 +110,8 @@ def write_text_manifest(out: str, sentences: Sequence[str], *, sil_prob: float =
 
   if not 0 <= sil_prob <= 1:
     raise ValueError(f'sil_prob must be in [0, 1], got {sil_prob}')
+  if os.path.isdir(out):
+    raise IsADirectoryError(errno.EISDIR, 'a folder, not a text manifest file', out)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   norm = [normalize(s) for s in sentences]
   keep = [i for i, s in enumerate(norm) if s]
@@ -163,7 +170,7 @@ def read_text_manifest(path: str) -> list[list[str]]:
       try:
         out.append(json.loads(line)['phones'].split())
       except (json.JSONDecodeError, KeyError, AttributeError) as e:
-        raise ValueError(f'{path}:{n}: not a text-manifest row with "phones" ({e})') from e
+        raise ManifestError(f'{path}:{n}: not a text-manifest row with "phones" ({e})') from e
   return out
 
 
@@ -184,9 +191,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument('--exclude-manifest', default='', help="audio manifest whose transcripts are "
                  "removed ('builtin' = the built-in corpus)")
   a = p.parse_args(argv)
+  if not 0 <= a.sil_prob <= 1:
+    p.error(f'--sil-prob={a.sil_prob}: must be in [0, 1]')
+  if a.num_sentences is not None and a.num_sentences < 1:
+    p.error(f'--num-sentences={a.num_sentences}: must be >= 1')
   if a.text_file:
     with open(a.text_file) as f:
       sentences = [line.strip() for line in f if line.strip()]
+    if not sentences:
+      p.error(f'--text-file {a.text_file}: holds no sentences')
   else:
     from data_pipelines.synth import generate_sentences
 
@@ -204,4 +217,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(run_cli(main, prog='python -m data_pipelines.text'))

@@ -91,4 +91,7 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
     # Fault injection for tests of resume: SIGKILL the process right after this step's
     # checkpoint is durable (0 = off).
     'kill_after_step': 0,
+    # An unreadable latest checkpoint: True = report it in one line, move it to
+    # WORKDIR/corrupt_checkpoints/ and resume from the newest intact one; False = stop.
+    'allow_fallback': True,
   }, overrides)

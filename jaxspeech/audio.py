@@ -12,8 +12,10 @@ core stack alone (jax, numpy).
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import stat
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -64,11 +66,27 @@ def normalize_waveform(wav: np.ndarray) -> np.ndarray:
   return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32, copy=False)
 
 
+def missing_reason(path: str) -> str | None:
+  """Why `path` cannot be opened as an audio file, or None if it can: "no such file", "symlink
+  loop", "broken symlink to T", "a folder, not a file". One `os.stat`: cheap enough per row."""
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    if e.errno == errno.ELOOP:
+      return "symlink loop"
+    if os.path.islink(path):
+      return f"broken symlink to {os.readlink(path)}"
+    if e.errno == errno.ENOENT:
+      return "no such file"
+    return e.strerror or str(e)
+  return "a folder, not a file" if stat.S_ISDIR(st.st_mode) else None
+
+
 def read_info(path: str | os.PathLike) -> sf._SoundFileInfo:
   """Header of an audio file (frames, samplerate, channels) or AudioError naming it."""
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise AudioError(f"{path}: no such file")
+  if (why := missing_reason(path)) is not None:
+    raise AudioError(f"{path}: {why}")
   sf = _soundfile()
   try:
     return sf.info(path)
@@ -76,20 +94,28 @@ def read_info(path: str | os.PathLike) -> sf._SoundFileInfo:
     raise AudioError(f"{path}: unreadable audio ({e})") from e
 
 
-def load_audio(path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE) -> np.ndarray:
+def load_audio(path: str | os.PathLike, target_sr: int | None = SAMPLE_RATE, *,
+               expect_sr: int | None = None) -> np.ndarray:
   """Reads `path` as float32 mono at `target_sr` (None keeps the file's rate). Returns [S].
 
+  `expect_sr`: the rate the caller believes the file has (a manifest row's `sample_rate`); a
+  file at another rate raises instead of being silently resampled from the wrong rate.
+
   Raises:
-    AudioError: the file is missing, unreadable, has no samples, or holds NaN/inf.
+    AudioError: the file is missing, unreadable, has no samples, holds NaN/inf, or is not at
+      `expect_sr`.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
-    raise AudioError(f"{path}: no such file")
+  if (why := missing_reason(path)) is not None:
+    raise AudioError(f"{path}: {why}")
   sf = _soundfile()
   try:
     wav, sr = sf.read(path, dtype="float32", always_2d=True)  # [S, C]
   except Exception as e:
     raise AudioError(f"{path}: unreadable audio ({e})") from e
+  if expect_sr is not None and sr != expect_sr:
+    raise AudioError(f"{path}: the file's sample rate is {sr} Hz, the manifest row says "
+                     f"{expect_sr} Hz (the file changed after the manifest was built; rebuild it)")
   if wav.shape[0] == 0:
     raise AudioError(f"{path}: empty audio (0 samples)")
   if not np.all(np.isfinite(wav)):

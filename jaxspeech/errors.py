@@ -49,7 +49,8 @@ def one_line(e: BaseException) -> str:
 
 def run_cli(main: Callable[..., Any], *args, prog: str | None = None, **kwargs) -> int:
   """`main(*args, **kwargs)`; a user error prints `PROG: error: <one line>` to stderr and returns
-  2, anything else propagates (a bug: traceback). Returns main's int result (None -> 0)."""
+  2, anything else propagates (a bug: traceback). Returns main's result when it is an int, else
+  0."""
   try:
     result = main(*args, **kwargs)
   except BaseException as e:  # noqa: BLE001 -- re-raised unless a user error
@@ -58,4 +59,8 @@ def run_cli(main: Callable[..., Any], *args, prog: str | None = None, **kwargs) 
     name = prog or (sys.argv[0].rsplit('/', 1)[-1] if sys.argv and sys.argv[0] else 'jaxspeech')
     print(f'{name}: error: {one_line(e)}', file=sys.stderr, flush=True)
     return USER_EXIT
-  return 0 if result is None else int(result)
+  return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+class ConfigError(UserError, ValueError):
+  """A config value that cannot work; the message starts with its key (`config.a.b=...`)."""

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from jaxspeech.errors import UserError
+from jaxspeech.errors import ConfigError, UserError
 
 PyTree = Any
 
@@ -96,7 +96,7 @@ def entries(config) -> dict[str, dict]:
   for name, e in evals.items():
     e = dict(e.to_dict() if hasattr(e, 'to_dict') else e)
     if 'task' not in e:
-      raise ValueError(f'config.evals.{name}: no `task`')
+      raise ConfigError(f'config.evals.{name}: no `task`')
     e['every'] = int(e.get('every', default_every) or 0)
     out[name] = e
   return out

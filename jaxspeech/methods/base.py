@@ -72,6 +72,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxspeech.errors import ConfigError
+
 # Encoder helpers live in jaxspeech.models; re-exported for the experiment files.
 from jaxspeech.models.encoders import encoder_config, layer_features, model_config  # noqa: F401
 from jaxspeech.models.params import merge_subtree, subtree
@@ -170,7 +172,7 @@ class Method:
     if split and any('split' in r for r in rows):
       rows = [r for r in rows if r.get('split') == split]
       if not rows:
-        raise ValueError(f'config.data.split={split!r}: no row of {path} has this split')
+        raise ConfigError(f'config.data.split={split!r}: no row of {path} has this split')
     return rows
 
   def default_manifest(self, data_config) -> str:
@@ -199,8 +201,8 @@ class Method:
     parameters the source lacks and HF checkpoints may omit (`masked_spec_embed`) keep their
     initial values."""
     if self.encoder_path is None:
-      raise ValueError(f'config.init_from={source.path!r}: the {self.name} model has no speech '
-                       f'encoder to load into (override {type(self).__name__}.load_pretrained)')
+      raise ConfigError(f'config.init_from={source.path!r}: the {self.name} model has no speech '
+                        f'encoder to load into (override {type(self).__name__}.load_pretrained)')
     prefix = tuple(self.encoder_path)
     enc = dict(source.encoder_params())
     node = subtree(params, prefix, f'config.init_from={source.path!r}')
@@ -247,8 +249,8 @@ def group_optim_config(optim_config, group: str):
   if 'name' in optim_config:
     return optim_config
   if group not in optim_config:
-    raise ValueError(f'config.optim.{group}: missing (parameter group {group!r}; config.optim has '
-                     f'{sorted(optim_config.keys())})')
+    raise ConfigError(f'config.optim.{group}: missing (parameter group {group!r}; config.optim has '
+                      f'{sorted(optim_config.keys())})')
   return optim_config[group]
 
 
@@ -257,8 +259,8 @@ def group_schedule(optim_config, group: str) -> tuple[int, int]:
   c = group_optim_config(optim_config, group)
   every, phase = int(c.get('every', 1) or 1), int(c.get('phase', 0) or 0)
   if every < 1 or not 0 <= phase < every:
-    raise ValueError(f'config.optim.{group}: every={every}, phase={phase} (need every >= 1 and '
-                     '0 <= phase < every)')
+    raise ConfigError(f'config.optim.{group}: every={every}, phase={phase} (need every >= 1 and '
+                      '0 <= phase < every)')
   return every, phase
 
 
@@ -276,16 +278,16 @@ def get_method(config) -> Method:
 
   name = str(config.method.name)
   if not re.fullmatch(r'[a-z][a-z0-9_]*', name):
-    raise ValueError(f'config.method.name={name!r} is not a valid method name')
+    raise ConfigError(f'config.method.name={name!r} is not a valid method name')
   try:
     module = importlib.import_module(f'jaxspeech.methods.{name}')
   except ModuleNotFoundError as e:
     if e.name != f'jaxspeech.methods.{name}':
       raise
-    raise ValueError(f'config.method.name={name!r}: no module jaxspeech/methods/{name}.py') from e
+    raise ConfigError(f'config.method.name={name!r}: no module jaxspeech/methods/{name}.py') from e
   found = [v for v in vars(module).values()
            if isinstance(v, type) and issubclass(v, Method) and v.name == name]
   if len(found) != 1:
-    raise ValueError(f'config.method.name={name!r}: jaxspeech/methods/{name}.py must define '
-                     f'exactly one Method subclass with name = {name!r} (found {len(found)})')
+    raise ConfigError(f'config.method.name={name!r}: jaxspeech/methods/{name}.py must define '
+                      f'exactly one Method subclass with name = {name!r} (found {len(found)})')
   return found[0](config)

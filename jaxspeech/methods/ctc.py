@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB
 from jaxspeech.methods.base import Method, bucket_lengths, encoder_config
@@ -83,7 +84,7 @@ def reference_tokens(row: dict, unit: str) -> list[str]:
     return phone_tokens(row.get('phones') or '')
   if unit == 'char':
     return char_tokens(row.get('text') or '')
-  raise ValueError(f'config.method.unit={unit!r}: choose one of {UNITS}')
+  raise ConfigError(f'config.method.unit={unit!r}: choose one of {UNITS}')
 
 
 class Vocab:
@@ -121,7 +122,7 @@ def build_vocab(rows: Sequence[dict], unit: str) -> Vocab:
     if not inventory:
       raise ValueError('config.method.unit="phone": no manifest row has `phones`')
     return Vocab(inventory)
-  raise ValueError(f'config.method.unit={unit!r}: choose one of {UNITS}')
+  raise ConfigError(f'config.method.unit={unit!r}: choose one of {UNITS}')
 
 
 def row_labels(row: dict, unit: str, vocab: Vocab, max_samples: int,
@@ -212,7 +213,7 @@ class CtcFinetuning(Method):
     self.enc_cfg = encoder_config(config.model)
     self.unit = str(config.method.unit)
     if self.unit not in UNITS:
-      raise ValueError(f'config.method.unit={self.unit!r}: choose one of {UNITS}')
+      raise ConfigError(f'config.method.unit={self.unit!r}: choose one of {UNITS}')
     self.prune = PruneSpec.from_config(config)
     self.vocab: Vocab | None = None
     self.max_label_length = 0

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB
 from jaxspeech.methods.base import Method, encoder_config
@@ -201,24 +202,24 @@ class DinosrPretraining(Method):
     self.num_layers = self.enc_cfg.num_hidden_layers
     self.k = int(m.average_top_k_layers)
     if not 1 <= self.k <= self.num_layers:
-      raise ValueError(f'config.method.average_top_k_layers={self.k} must be in '
-                       f'1..{self.num_layers} (the encoder layers)')
+      raise ConfigError(f'config.method.average_top_k_layers={self.k} must be in '
+                        f'1..{self.num_layers} (the encoder layers)')
     self.v = int(m.codebook_size)
     # Options beyond DinoSR's base.yaml (absent in older workdirs' config.json -> reference).
     self.codebook_init = str(m.get('codebook_init', 'instance_norm'))
     if self.codebook_init not in CODEBOOK_INITS:
-      raise ValueError(f'config.method.codebook_init={self.codebook_init!r}: one of '
-                       f'{tuple(CODEBOOK_INITS)}')
+      raise ConfigError(f'config.method.codebook_init={self.codebook_init!r}: one of '
+                        f'{tuple(CODEBOOK_INITS)}')
     self.restart_patience = int(m.get('codebook_restart_patience', 0))
     # Older workdirs (config.json without the key) were trained on block outputs.
     self.target_output = str(m.get('target_output', 'block'))
     if self.target_output not in TARGET_OUTPUTS:
-      raise ValueError(f'config.method.target_output={self.target_output!r}: one of '
-                       f'{TARGET_OUTPUTS}')
+      raise ConfigError(f'config.method.target_output={self.target_output!r}: one of '
+                        f'{TARGET_OUTPUTS}')
     self.num_samples = int(config.data.num_samples)
     self.num_frames = self.enc_cfg.num_frames(self.num_samples)
     if self.num_frames < 1:
-      raise ValueError(f'config.data.num_samples={self.num_samples} gives no encoder frame')
+      raise ConfigError(f'config.data.num_samples={self.num_samples} gives no encoder frame')
 
   @property
   def _dropout(self) -> bool:

@@ -35,6 +35,7 @@ from absl import logging
 from flax import nnx
 
 from jaxspeech.audio import SAMPLE_RATE
+from jaxspeech.errors import ConfigError
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB, logical
 from jaxspeech.methods.base import Method, encoder_config
@@ -137,7 +138,7 @@ class HubertPretrainModel(nnx.Module):
   def __init__(self, enc_cfg: EncoderConfig, num_clusters: int, final_dim: int, head: str, *,
                rngs: nnx.Rngs):
     if head not in ('cosine', 'linear'):
-      raise ValueError(f"config.method.head={head!r}: choose 'cosine' or 'linear'")
+      raise ConfigError(f"config.method.head={head!r}: choose 'cosine' or 'linear'")
     self.head = head
     self.encoder = SpeechEncoder(enc_cfg, rngs=rngs)
     d = enc_cfg.hidden_size
@@ -180,8 +181,8 @@ class HubertPretraining(Method):
     self.num_samples = min(bucket_lengths(config.data))  # the shortest bucket
     self.num_frames = self.enc_cfg.num_frames(self.num_samples)
     if self.num_frames < 1:
-      raise ValueError(f'config.data.num_samples / bucket_lengths: {self.num_samples} samples '
-                       'give no encoder frame')
+      raise ConfigError(f'config.data.num_samples / bucket_lengths: {self.num_samples} samples '
+                        'give no encoder frame')
 
   @property
   def _dropout(self) -> bool:

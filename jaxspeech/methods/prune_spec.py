@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.ops import pruning
 
 PyTree = Any
@@ -83,13 +84,13 @@ class PruneSpec:
 
   def __post_init__(self):
     if self.method not in METHODS:
-      raise ValueError(f'config.prune.method={self.method!r}: choose one of {METHODS}')
+      raise ConfigError(f'config.prune.method={self.method!r}: choose one of {METHODS}')
     if self.method != 'none' and not 0.0 <= self.sparsity < 1.0:
-      raise ValueError(f'config.prune.sparsity={self.sparsity}: must be in [0, 1)')
+      raise ConfigError(f'config.prune.sparsity={self.sparsity}: must be in [0, 1)')
     if self.method == 'parp' and self.every < 1:
-      raise ValueError(f'config.prune.every={self.every}: PARP needs a positive interval')
+      raise ConfigError(f'config.prune.every={self.every}: PARP needs a positive interval')
     if self.scope not in ('per_tensor', 'global'):
-      raise ValueError(f'config.prune.scope={self.scope!r}: per_tensor or global')
+      raise ConfigError(f'config.prune.scope={self.scope!r}: per_tensor or global')
 
   @classmethod
   def from_config(cls, config) -> PruneSpec:
@@ -114,8 +115,8 @@ class PruneSpec:
     sel = pruning.prunable_selection(params, self.pattern)
     if not any(jax.tree.leaves(sel)):
       paths = [n for n, _ in pruning.named_leaves(params)][:4]
-      raise ValueError(f'config.prune.pattern={self.pattern!r} matches no parameter; paths '
-                       f'look like {paths}')
+      raise ConfigError(f'config.prune.pattern={self.pattern!r} matches no parameter; paths '
+                        f'look like {paths}')
     masks = jax.tree.map(lambda x, s: jnp.ones(jnp.shape(x), bool) if s else jnp.ones((), bool),
                          params, sel)
     return {'masks': masks, 'ready': jnp.zeros((), bool)}

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB, logical
 from jaxspeech.methods.base import Method, encoder_config
@@ -99,7 +100,7 @@ class Spin(Method):
     m = config.method
     self.enc_cfg = encoder_config(config.model)
     if m.perturb not in PERTURB_BACKENDS:
-      raise ValueError(f'config.method.perturb={m.perturb!r}: choose one of {PERTURB_BACKENDS}')
+      raise ConfigError(f'config.method.perturb={m.perturb!r}: choose one of {PERTURB_BACKENDS}')
     if m.perturb == 'praat' and config.data.get('perturb', '') != 'praat':
       raise ValueError("config.method.perturb='praat' needs config.data.perturb='praat' (the "
                        'Grain workers make the perturbed view)')
@@ -109,10 +110,10 @@ class Spin(Method):
     if str(config.train.trainable) != want:
       # Layer freezing is config.train.trainable (read by the shared optimizer); keep it and
       # config.method.trainable_layers from silently disagreeing.
-      raise ValueError(f'config.train.trainable={config.train.trainable!r} does not match '
-                       f'config.method.trainable_layers={int(m.trainable_layers)} of a '
-                       f'{self.enc_cfg.num_hidden_layers}-layer encoder: set it to {want!r} '
-                       '(jaxspeech.methods.spin.trainable_regex)')
+      raise ConfigError(f'config.train.trainable={config.train.trainable!r} does not match '
+                        f'config.method.trainable_layers={int(m.trainable_layers)} of a '
+                        f'{self.enc_cfg.num_hidden_layers}-layer encoder: set it to {want!r} '
+                        '(jaxspeech.methods.spin.trainable_regex)')
 
   @property
   def _dropout(self) -> bool:

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.models.speech_encoder import EncoderConfig
 
 
@@ -24,7 +25,7 @@ def model_config(preset: str, **fields):
   known = {f.name: f for f in dataclasses.fields(EncoderConfig)}
   unknown = sorted(set(fields) - set(known))
   if unknown:
-    raise ValueError(f'config.model: unknown EncoderConfig fields {unknown}')
+    raise ConfigError(f'config.model: unknown EncoderConfig fields {unknown}')
   c = ml_collections.ConfigDict()
   c.preset = preset
   defaults = EncoderConfig()
@@ -41,7 +42,7 @@ def encoder_config(model_cfg) -> EncoderConfig:
   known = {f.name for f in dataclasses.fields(EncoderConfig)}
   unknown = sorted(set(model_cfg.keys()) - known - {'preset'})
   if unknown:
-    raise ValueError(f'config.model: unknown keys {unknown} (EncoderConfig fields or preset)')
+    raise ConfigError(f'config.model: unknown keys {unknown} (EncoderConfig fields or preset)')
   overrides = {k: v for k, v in model_cfg.items() if k != 'preset' and v is not None}
   return EncoderConfig.preset(model_cfg.preset, **overrides)
 

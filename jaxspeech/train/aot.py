@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.methods.base import get_method
 from jaxspeech.train import partitioning
 from jaxspeech.train import step as step_lib
@@ -47,8 +48,8 @@ def abstract_batch(config, mesh: jax.sharding.Mesh, extra_fields: tuple[str, ...
   b = int(config.data.batch_size)
   shards = math.prod(mesh.shape[a] for a in partitioning.BATCH_AXES)
   if b % shards:
-    raise ValueError(f'config.data.batch_size={b} not divisible by the {shards} batch shards '
-                     f'of the mesh {dict(mesh.shape)}')
+    raise ConfigError(f'config.data.batch_size={b} not divisible by the {shards} batch shards '
+                      f'of the mesh {dict(mesh.shape)}')
   for k in extra_fields:
     if k not in spec:
       spec[k] = jax.ShapeDtypeStruct(spec['audio'].shape, jnp.float32)

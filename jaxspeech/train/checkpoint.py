@@ -51,6 +51,20 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     return restored['state']
 
+  def quarantine(self, step: int, folder: str) -> str:
+    """Moves checkpoint `step` out of the managed folder into `folder/<step>[.n]` (kept for
+    inspection, never restored) and re-reads the folder. Returns the new path."""
+    import shutil
+
+    os.makedirs(folder, exist_ok=True)
+    dst, n = os.path.join(folder, str(step)), 0
+    while os.path.exists(dst):
+      n += 1
+      dst = os.path.join(folder, f'{step}.{n}')
+    shutil.move(os.fspath(self.directory / str(step)), dst)
+    self.manager.reload()
+    return dst
+
   def wait(self):
     self.manager.wait_until_finished()
 
@@ -59,14 +73,18 @@ class Checkpointer:
     self.manager.close()
 
 
-def restore_params_from_workdir(workdir: str, abstract_state: PyTree) -> tuple[PyTree, int]:
+def restore_params_from_workdir(workdir: str, abstract_state: PyTree,
+                                label: str | None = None) -> tuple[PyTree, int]:
   """Parameters of the latest checkpoint in another jaxspeech workdir (other items ignored).
 
+  `label` names the source in error messages as the user gave it (default
+  `config.init_from='<workdir>'`; e.g. `--checkpoint W` from the evaluation CLIs).
   Returns (params placed in `abstract_state['params']`'s shardings, the step they come from).
   """
+  label = label or f'config.init_from={workdir!r}'
   directory = epath.Path(workdir) / 'checkpoints'
   if not directory.exists():
-    raise FileNotFoundError(f'config.init_from={workdir!r}: no {directory} (not a jaxspeech '
+    raise FileNotFoundError(f'{label}: no {directory} (not a jaxspeech '
                             'workdir with checkpoints, nor an HF checkpoint folder)')
   mngr = ocp.CheckpointManager(
     directory, item_names=('state', 'data'),
@@ -74,13 +92,13 @@ def restore_params_from_workdir(workdir: str, abstract_state: PyTree) -> tuple[P
   try:
     step = mngr.latest_step()
     if step is None:
-      raise FileNotFoundError(f'config.init_from={workdir!r}: {directory} holds no checkpoint')
+      raise FileNotFoundError(f'{label}: {directory} holds no checkpoint')
     meta = mngr.item_metadata(step)['state']
     meta = getattr(meta, 'tree', meta)
     if not isinstance(meta, dict) or 'params' not in meta:
-      raise ValueError(f'config.init_from={workdir!r}: checkpoint {step} has no params')
+      raise ValueError(f'{label}: checkpoint {step} has no params')
     abstract_params = abstract_state['params']
-    _check_same_tree(abstract_params, meta['params'], f'config.init_from={workdir!r}')
+    _check_same_tree(abstract_params, meta['params'], label)
     # Partial restore: only the 'params' subtree is read, into this run's shardings.
     target = {'params': abstract_params}
     restore_args = {'params': jax.tree.map(
@@ -98,9 +116,10 @@ merge_subtree = params_lib.merge_subtree
 _check_same_tree = params_lib.check_same_tree
 
 
-def load_workdir_model(workdir: str, make_method=None):
+def load_workdir_model(workdir: str, make_method=None, label: str | None = None):
   """A training workdir's model on one device: (method, model with the latest checkpoint's
   parameters, config, setup). `make_method(config)` builds the method (default: `get_method`).
+  `label`: how errors name the workdir (see `restore_params_from_workdir`).
   The one loader behind `extract`, `evaluate` and `eval.asr`."""
   import json
 
@@ -128,7 +147,7 @@ def load_workdir_model(workdir: str, make_method=None):
   method.set_host_state(host_state)
   mesh = partitioning.create_mesh(config.mesh, devices=jax.devices()[:1])
   setup = step_lib.build_setup(config, method, mesh)
-  params, _ = restore_params_from_workdir(workdir, setup.abstract_state)
+  params, _ = restore_params_from_workdir(workdir, setup.abstract_state, label=label)
   model, _ = method.init(jax.random.key(0))
   graphdef, state, rest = nnx.split(model, nnx.Param, ...)
   nnx.replace_by_pure_dict(state, params)

@@ -5,11 +5,13 @@ checkpointable Grain iterator of host batches, and host batches -> global arrays
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import numpy as np
 
 from data_pipelines import pipeline
+from jaxspeech.errors import ConfigError
 from jaxspeech.methods.base import Method, bucket_lengths
 from jaxspeech.train.partitioning import BATCH_AXES
 
@@ -23,6 +25,37 @@ def manifest_rows(data_config, method: Method | None = None) -> list[dict]:
 
     method = Method(ml_collections.ConfigDict({'data': data_config}))
   return method.training_rows()
+
+
+FILE_CHECK_CACHE = 'file_check.json'  # in the workdir: facts of the audio files found whole
+
+
+def verify_training_data(config, method: Method | None = None,
+                         cache_dir: str | None = None) -> int:
+  """Checks, once before step 1, every audio file the training iterator will read: the rows of
+  `manifest_rows(config.data, method)`, each file present, at the row's sample rate and length,
+  and not truncated (`data_pipelines.manifest.verify_files`). A bad file is found now, with its
+  manifest line, not when its batch comes up (and again at that step on every resume).
+
+  `cache_dir`: the workdir; the facts of files found whole are kept in
+  `cache_dir/file_check.json` (by path, size, mtime), so a re-run stats each file only. None: no
+  cache. Methods whose rows are not audio (`uses_audio` False) have no files to check.
+  Returns the number of rows checked. Raises ManifestError (a UserError): one line.
+  """
+  from data_pipelines.manifest import verify_files
+
+  if method is None:
+    import ml_collections
+
+    method = Method(ml_collections.ConfigDict({'data': config.data}))
+  if not method.uses_audio:
+    return 0
+  d = method.config.data  # what `method.training_rows` reads (see `manifest_rows`)
+  rows = manifest_rows(d, method)
+  manifest = str(d.manifest) or method.default_manifest(d)
+  cache = os.path.join(cache_dir, FILE_CHECK_CACHE) if cache_dir else None
+  verify_files(rows, manifest=manifest, cache_path=cache)
+  return sum('path' in r for r in rows)
 
 
 def make_iterator(config, mesh=None, *, method: Method | None = None, seed_offset: int = 0,
@@ -51,8 +84,8 @@ def make_iterator(config, mesh=None, *, method: Method | None = None, seed_offse
     if mesh is not None:
       shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
       if int(d.batch_size) % shards:
-        raise ValueError(f'config.data.batch_size={int(d.batch_size)} is not divisible by the '
-                         f'{shards} batch shards of the mesh {dict(mesh.shape)} (data x fsdp)')
+        raise ConfigError(f'config.data.batch_size={int(d.batch_size)} is not divisible by the '
+                          f'{shards} batch shards of the mesh {dict(mesh.shape)} (data x fsdp)')
   rows = manifest_rows(d, method)
   row_fields = row_spec = None
   if method is not None and method.row_fields():

@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import optax
 
+from jaxspeech.errors import ConfigError
+
 SCHEDULES = ('constant', 'linear', 'cosine', 'tri_stage')
 OPTIMIZERS = ('adamw', 'adam', 'sgd')
 
@@ -38,11 +40,11 @@ def trainable_mask(params, pattern: str) -> Any:
   try:
     rx = re.compile(pattern)
   except re.error as e:
-    raise ValueError(f'config.train.trainable={pattern!r} is not a valid regex: {e}') from e
+    raise ConfigError(f'config.train.trainable={pattern!r} is not a valid regex: {e}') from e
   mask = jax.tree.map(lambda path: bool(rx.search(path)), param_paths(params))
   if not any(jax.tree.leaves(mask)):
-    raise ValueError(f'config.train.trainable={pattern!r} matches no parameter; paths look like '
-                     f'{jax.tree.leaves(param_paths(params))[:3]}')
+    raise ConfigError(f'config.train.trainable={pattern!r} matches no parameter; paths look like '
+                      f'{jax.tree.leaves(param_paths(params))[:3]}')
   return mask
 
 
@@ -55,7 +57,7 @@ def make_schedule(optim_config, num_steps: int) -> optax.Schedule:
   init_lr, end_lr = lr * float(c.init_lr_ratio), lr * float(c.end_lr_ratio)
   kind = c.schedule
   if kind not in SCHEDULES:
-    raise ValueError(f'config.optim.schedule={kind!r}; choose one of {SCHEDULES}')
+    raise ConfigError(f'config.optim.schedule={kind!r}; choose one of {SCHEDULES}')
   decay_steps = max(num_steps - warmup, 1)
   if kind == 'tri_stage':
     w, h, d = (float(r) for r in c.tri_stage_ratios)
@@ -84,7 +86,7 @@ def make_optimizer(optim_config, num_steps: int, trainable) -> tuple[optax.Gradi
   c = optim_config
   name = str(c.name)
   if name not in OPTIMIZERS:
-    raise ValueError(f'config.optim.name={name!r}: choose one of {OPTIMIZERS}')
+    raise ConfigError(f'config.optim.name={name!r}: choose one of {OPTIMIZERS}')
   schedule = make_schedule(c, num_steps)
   decay_mask = lambda params: jax.tree.map(lambda p: getattr(p, 'ndim', 0) >= 2, params)
   wd = float(c.weight_decay)

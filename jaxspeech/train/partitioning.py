@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.layers import partitioning as layer_partitioning
 
 MESH_AXES = ('data', 'fsdp', 'model')
@@ -45,12 +46,12 @@ def create_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> jax
   shape_cfg = dict(mesh_config.shape)
   unknown = set(shape_cfg) - set(MESH_AXES)
   if unknown:
-    raise ValueError(f'config.mesh.shape has unknown axes {sorted(unknown)}; known: {MESH_AXES}')
+    raise ConfigError(f'config.mesh.shape has unknown axes {sorted(unknown)}; known: {MESH_AXES}')
   sizes = [int(shape_cfg.get(a, 1)) for a in MESH_AXES]
   if sum(s == -1 for s in sizes) > 1:
-    raise ValueError(f'config.mesh.shape: at most one axis may be -1, got {shape_cfg}')
+    raise ConfigError(f'config.mesh.shape: at most one axis may be -1, got {shape_cfg}')
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'config.mesh.shape: sizes must be positive or -1, got {shape_cfg}')
+    raise ConfigError(f'config.mesh.shape: sizes must be positive or -1, got {shape_cfg}')
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
@@ -75,7 +76,7 @@ def parse_rules(rules) -> dict[str, tuple[str, ...]]:
   out: dict[str, tuple[str, ...]] = {}
   for i, rule in enumerate(rules):
     if len(rule) != 2:
-      raise ValueError(f'config.mesh.rules[{i}] must be a (logical, mesh_axes) pair, got {rule!r}')
+      raise ConfigError(f'config.mesh.rules[{i}] must be a (logical, mesh_axes) pair, got {rule!r}')
     logical, mesh_axes = rule
     if mesh_axes is None:
       axes: tuple[str, ...] = ()
@@ -85,7 +86,7 @@ def parse_rules(rules) -> dict[str, tuple[str, ...]]:
       axes = tuple(mesh_axes)
     for a in axes:
       if a not in MESH_AXES:
-        raise ValueError(f'config.mesh.rules[{i}]: unknown mesh axis {a!r} (known {MESH_AXES})')
+        raise ConfigError(f'config.mesh.rules[{i}]: unknown mesh axis {a!r} (known {MESH_AXES})')
     out[str(logical)] = axes
   return out
 

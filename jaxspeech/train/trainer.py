@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxspeech.errors import ConfigError
 from jaxspeech.eval import registry as eval_registry
 from jaxspeech.methods.base import Method, Pretrained, get_method
 from jaxspeech.train import checkpoint as ckpt_lib
@@ -31,6 +32,7 @@ from jaxspeech.train import data as data_lib
 from jaxspeech.train import metrics as metrics_lib
 from jaxspeech.train import partitioning
 from jaxspeech.train import step as step_lib
+from jaxspeech.train import workdir_contract as contract
 
 PyTree = Any
 
@@ -72,8 +74,8 @@ def pretrained_source(src: str) -> Pretrained:
       src_method, model, _, _ = ckpt_lib.load_workdir_model(src)
       enc = src_method.encoder(model)
       if enc is None:
-        raise ValueError(f'config.init_from={src!r}: its {src_method.name} model has no speech '
-                         'encoder')
+        raise ConfigError(f'config.init_from={src!r}: its {src_method.name} model has no speech '
+                          'encoder')
       return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(enc, nnx.Param)))
 
     return Pretrained(src, 'workdir', _workdir_method(src), workdir_encoder)
@@ -135,14 +137,47 @@ def bind_host_state(config, method: Method, workdir: str, write: bool = True) ->
   return host_state
 
 
-def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
-                    checkpointer: ckpt_lib.Checkpointer, train_iter) -> tuple[PyTree, int]:
-  """Resume order: this workdir's latest checkpoint -> `config.init_from` -> scratch."""
-  latest = checkpointer.latest_step()
-  if latest is not None:
+def _restore_latest_intact(config, setup: step_lib.TrainSetup,
+                           checkpointer: ckpt_lib.Checkpointer, train_iter,
+                           workdir: str) -> tuple[PyTree, int] | None:
+  """The newest checkpoint that restores. An unreadable one is reported in one line; with
+  `config.train.allow_fallback` it is moved to WORKDIR/corrupt_checkpoints/ and the next older
+  step is tried, without it the run stops (WorkdirError). None when there is no checkpoint."""
+  allow = bool(config.train.get('allow_fallback', True))
+  while (latest := checkpointer.latest_step()) is not None:
+    try:
+      state = checkpointer.restore(latest, setup.abstract_state, train_iter)
+    except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many types for bad files
+      reason = contract.one_line_reason(e)
+      older = [s for s in contract.checkpoint_steps(workdir) if s < latest]
+      if not allow or jax.process_count() > 1:
+        raise contract.WorkdirError(
+          f'{workdir}: checkpoint step {latest} cannot be restored ({reason}); '
+          + (f'set --config.train.allow_fallback=true to resume from step {older[-1]}'
+             if older else 'no older checkpoint to fall back to')) from e
+      if not older:
+        raise contract.WorkdirError(
+          f'{workdir}: checkpoint step {latest} cannot be restored ({reason}) and there is no '
+          'older one; move it away to start from scratch') from e
+      moved = checkpointer.quarantine(latest, os.path.join(workdir, contract.CORRUPT))
+      logging.warning('Checkpoint step %d cannot be restored (%s); moved to %s, falling back to '
+                      'step %d', latest, reason, moved, older[-1])
+      contract.append_history(workdir, {'event': 'fallback', 'corrupt_step': int(latest),
+                                        'moved_to': moved, 'reason': reason})
+      continue
     logging.info('Resuming from %s step %d', checkpointer.directory, latest)
-    state = checkpointer.restore(latest, setup.abstract_state, train_iter)
     return state, int(latest)
+  return None
+
+
+def restore_or_init(config, method: Method, setup: step_lib.TrainSetup,
+                    checkpointer: ckpt_lib.Checkpointer, train_iter,
+                    workdir: str | None = None) -> tuple[PyTree, int]:
+  """Resume order: this workdir's newest intact checkpoint -> `config.init_from` -> scratch."""
+  restored = _restore_latest_intact(config, setup, checkpointer, train_iter,
+                                    workdir or os.path.dirname(str(checkpointer.directory)))
+  if restored is not None:
+    return restored
   state = step_lib.create_train_state(setup, jax.random.key(int(config.train.seed)))
   # Method-specific set-up on the data (e.g. HuBERT's k-means targets) from a separate iterator,
   # so that the training data order does not depend on it.
@@ -175,19 +210,47 @@ def run_evals_on_state(config, method: Method, setup: step_lib.TrainSetup, state
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir` (resuming if it holds a checkpoint). Returns the last logged
-  metrics (window averages)."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  """Trains `config` in `workdir` (resuming if it holds a checkpoint) under the workdir contract
+  (`jaxspeech/train/workdir_contract.py`: one run at a time, an immutable config, every step
+  logged once, the last step checkpointed). Returns the last logged metrics (window averages)
+  and evaluation results."""
+  workdir = contract.prepare(workdir)
+  contract.check_config(workdir, config)  # a refused config leaves even the lock file as it was
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  lock = contract.WorkdirLock(workdir).acquire() if is_main else None
+  try:
+    return _train_and_evaluate(config, workdir, is_main)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, is_main: bool) -> dict[str, float]:
   num_steps = int(config.train.num_steps)
   log_every = max(int(config.train.log_every), 1)
   ckpt_every = int(config.train.checkpoint_every)
+  if num_steps < 1:
+    raise contract.WorkdirError(f'config.train.num_steps={num_steps}: must be >= 1')
+  if ckpt_every < 0:
+    raise contract.WorkdirError(f'config.train.checkpoint_every={ckpt_every}: must be >= 0 '
+                                '(0 = only the last step)')
+  changed = contract.check_config(workdir, config)  # again, under the lock
+  steps = contract.checkpoint_steps(workdir)
+  if steps and steps[-1] == num_steps:
+    done_before = contract.final_metrics(workdir)
+    if done_before is None:  # killed between the last save and final_metrics.json
+      done_before = contract.metrics_at(workdir, num_steps)
+      if is_main:
+        contract.write_final_metrics(workdir, done_before)
+    logging.info('%s: already trained to step %d (train.num_steps); nothing to do', workdir,
+                 num_steps)
+    return {k: v for k, v in done_before.items() if k != 'step'}
 
   method = get_method(config)
+  # Every audio file of the training rows, checked now (cached by size and mtime in the workdir):
+  # a missing, truncated or resampled file stops the run here, with its manifest line.
+  n_checked = data_lib.verify_training_data(config, method, cache_dir=workdir if is_main else None)
+  logging.info('Data: %d audio files checked', n_checked)
   bind_host_state(config, method, workdir, write=is_main)
   mesh = partitioning.create_mesh(config.mesh)
   logging.info('Mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size,
@@ -203,8 +266,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   checkpointer = ckpt_lib.Checkpointer(
     os.path.join(workdir, 'checkpoints'), max_to_keep=int(config.train.keep_checkpoints),
     async_save=bool(config.train.async_checkpointing))
-  state, start = restore_or_init(config, method, setup, checkpointer, train_iter)
+  try:
+    state, start = restore_or_init(config, method, setup, checkpointer, train_iter, workdir)
+  except BaseException:
+    checkpointer.close()
+    raise
   last_ckpt = checkpointer.latest_step()
+  if is_main:
+    contract.record_start(workdir, config, start, changed)
+    dropped = contract.truncate_metrics(workdir, start)
+    if dropped:
+      logging.info('metrics.jsonl: %d rows after the restored step %d dropped (those steps run '
+                   'again)', dropped, start)
 
   train_step = None  # jitted at the first batch, whose keys/ranks fix the input shardings
   logger = metrics_lib.MetricsLogger(workdir, num_steps, enabled=is_main)
@@ -254,7 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           window_audio_s, window_crc = 0.0, 0
           if is_main:
             logging.info('%s', line)
-        if ckpt_every and (done % ckpt_every == 0 or done == num_steps):
+        if done == num_steps or (ckpt_every and done % ckpt_every == 0):
           checkpointer.save(done, state, train_iter, force=True)
           last_ckpt = done
       todo = eval_registry.due(config, done, num_steps)
@@ -275,6 +348,5 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     checkpointer.close()
     logger.close()
   if is_main:
-    with open(os.path.join(workdir, 'final_metrics.json'), 'w') as f:
-      json.dump({'step': num_steps, **last_logged, **last_eval}, f, indent=1)
+    contract.write_final_metrics(workdir, {'step': num_steps, **last_logged, **last_eval})
   return {**last_logged, **last_eval}

@@ -120,3 +120,80 @@ def test_malformed_row_names_line(tmp_path):
                  '{"path": "b.wav"}\n')
   with pytest.raises(manifest.ManifestError, match=r"m.jsonl:2: missing field"):
     manifest.read_manifest(out)
+
+
+def test_cli_bad_out_one_line_exit_2_no_tmp(tmp_path):
+  root = tmp_path / "root" / "spk"
+  root.mkdir(parents=True)
+  sf.write(root / "a.wav", np.zeros(160, np.float32), 16000)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "file").write_text("x")
+  for out in (tmp_path / "out", tmp_path / "file" / "m.jsonl"):
+    r = run_cli("--root", str(root.parent), "--layout", "folder", "--out", str(out))
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("python -m data_pipelines.manifest: error: ")
+    assert str(out if out.name == "out" else out.parent) in lines[0]
+  assert sorted(os.listdir(tmp_path)) == ["file", "out", "root"]  # no m.jsonl.tmp anywhere
+  assert not os.listdir(tmp_path / "out")
+  # Bad files: one line too (the first few named, and their count), exit 2.
+  (root / "bad.wav").write_bytes(b"RIFF\x00\x10\x00\x00WAVEfmt " + b"\x01" * 64)
+  r = run_cli("--root", str(root.parent), "--layout", "folder", "--out", str(tmp_path / "m.jsonl"))
+  assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "bad.wav" in r.stderr
+  # argparse's own errors keep argparse's usage line and exit 2.
+  r = run_cli("--layout", "folder")
+  assert r.returncode == 2 and "usage:" in r.stderr and "--root" in r.stderr
+
+
+def test_write_manifest_failure_leaves_no_tmp(tmp_path):
+  def rows():
+    yield {"path": str(tmp_path / "a.wav"), "n_samples": 1, "sample_rate": 16000, "speaker": "s"}
+    raise RuntimeError("disk on fire")
+
+  out = tmp_path / "d" / "m.jsonl"
+  with pytest.raises(RuntimeError, match="disk on fire"):
+    manifest.write_manifest(out, rows())
+  assert os.listdir(tmp_path / "d") == []
+  with pytest.raises(IsADirectoryError):
+    manifest.write_manifest(tmp_path / "d", [])
+
+
+def test_folder_ids_unique_and_symlink_loop_named(tmp_path):
+  spk = tmp_path / "root" / "spk"
+  spk.mkdir(parents=True)
+  x = np.random.default_rng(0).uniform(-0.5, 0.5, 8000).astype(np.float32)
+  sf.write(spk / "x.ogg", x, 16000, format="OGG", subtype="VORBIS")
+  sf.write(spk / "x.flac", x, 16000)
+  sf.write(spk / "y.wav", x, 16000)
+  rows, _ = manifest.build_manifest(tmp_path / "root", "folder")
+  assert sorted(r["id"] for r in rows) == ["spk/x.flac", "spk/x.ogg", "spk/y"]
+  os.symlink(spk / "loop.wav", spk / "loop.wav")
+  with pytest.raises(manifest.ManifestError, match=r"1 bad audio file.*loop\.wav: symlink loop"):
+    manifest.build_manifest(tmp_path / "root", "folder")
+  # Two files of one LibriSpeech utterance: an error naming both, not two rows with one id.
+  ls = tmp_path / "ls"
+  ls.mkdir()
+  sf.write(ls / "1-2-3.flac", x, 16000)
+  sf.write(ls / "1-2-3.wav", x, 16000)
+  with pytest.raises(manifest.ManifestError, match=r"'1-2-3': .*1-2-3\.flac, .*1-2-3\.wav"):
+    manifest.build_manifest(ls, "librispeech")
+
+
+def test_data_cli_errors_one_line(tmp_path):
+  (tmp_path / "d").mkdir()
+  cases = [  # (module, args, expected piece of the one line)
+    ("data_pipelines.tabular", ["two_gaussians", "--num-rows", "4", "--out", str(tmp_path / "d")],
+     f"a folder, not a manifest file: {tmp_path / 'd'}"),
+    ("data_pipelines.text", ["--text-file", str(tmp_path / "no.txt"), "--out",
+                             str(tmp_path / "t.jsonl")], f"{tmp_path / 'no.txt'}"),
+  ]
+  for module, args, piece in cases:
+    r = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"python -m {module}: error: ") and piece in lines[0]
+  r = subprocess.run([sys.executable, "-m", "data_pipelines.synth", "--out", str(tmp_path / "s"),
+                      "--num-utterances", "0"], cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 2 and "usage:" in r.stderr and "must be >= 1" in r.stderr
+  assert os.listdir(tmp_path) == ["d"] and not os.listdir(tmp_path / "d")
