@@ -25,6 +25,10 @@ Stages (each reused when a previous run finished it; progress is logged througho
                   and the speaker information in the units, I(unit; speaker) / H(speaker);
                 - ABX error within / across speakers (DTW on cosine distance, triphone items).
                 The table is printed and written to WORKDIR/results.json.
+
+User errors (a bad flag, a `--pretrained` folder without checkpoint, a bad audio file...) print
+one line `python -m jaxspeech.demo: error: ...` and exit with code 2 (`jaxspeech.errors.run_cli`);
+only a bug shows a traceback.
 """
 
 from __future__ import annotations
@@ -38,6 +42,10 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+
+from jaxspeech import errors
+
+PROG = 'python -m jaxspeech.demo'
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/demo', 'Where every stage writes its outputs.')
 _PRETRAINED = flags.DEFINE_string(
@@ -104,12 +112,13 @@ def train(config, workdir: str) -> None:
   trainer.train_and_evaluate(config, workdir)
 
 
-def export_encoder(workdir: str, out_dir: str) -> None:
-  """The encoder of a jaxspeech workdir as an HF checkpoint folder."""
+def export_encoder(workdir: str, out_dir: str, label: str | None = None) -> None:
+  """The encoder of a jaxspeech workdir as an HF checkpoint folder (`label` names the workdir in
+  errors)."""
   from jaxspeech.extract import load_model
   from jaxspeech.interop import hf
 
-  hf.save_hf_checkpoint(load_model(os.path.abspath(workdir)), out_dir + '.tmp')
+  hf.save_hf_checkpoint(load_model(os.path.abspath(workdir), label=label), out_dir + '.tmp')
   os.replace(out_dir + '.tmp', out_dir)
 
 
@@ -227,9 +236,11 @@ def run(workdir: str) -> dict:
       pre_dir = os.path.abspath(_PRETRAINED.value)
       if finished_step(pre_dir) is None:
         raise FileNotFoundError(f'--pretrained {pre_dir}: no checkpoint')
+      pre_label = f'--pretrained {_PRETRAINED.value}'
       logging.info('reusing the pretrained workdir %s', pre_dir)
     else:
       pre_dir = os.path.join(workdir, 'pretrain')
+      pre_label = f'the pretraining run {pre_dir}'
       c = experiment_config('hubert', 'tiny')
       c.train.num_steps = _PRETRAIN_STEPS.value
       train(c, pre_dir)
@@ -239,7 +250,7 @@ def run(workdir: str) -> dict:
     if os.path.exists(os.path.join(init_dir, 'config.json')):
       logging.info('reusing %s', init_dir)
     else:
-      export_encoder(pre_dir, init_dir)
+      export_encoder(pre_dir, init_dir, label=pre_label)
 
   spin_dir = os.path.join(workdir, 'spin')
   spin_cfg = experiment_config('spin', 'tiny')
@@ -259,8 +270,10 @@ def run(workdir: str) -> dict:
     k = int(spin_cfg.method.codebook_size)
     logging.info('%d utterances of %s; k-means fitted on the %d utterances of split %r',
                  len(rows), sorted({r['speaker'] for r in rows}), len(fit_wavs), FIT_SPLIT)
-    initial = evaluate_model('initial', workdir_lib.load_context(init_dir), wavs, rows, k, fit_wavs)
-    spin = evaluate_model('Spin', workdir_lib.load_context(spin_dir), wavs, rows, k, fit_wavs)
+    initial = evaluate_model('initial', workdir_lib.load_context(
+      init_dir, label=f'the initial encoder {init_dir}'), wavs, rows, k, fit_wavs)
+    spin = evaluate_model('Spin', workdir_lib.load_context(
+      spin_dir, label=f'the Spin run {spin_dir}'), wavs, rows, k, fit_wavs)
 
   table = format_table(initial, spin, k)
   result = {
@@ -285,9 +298,29 @@ class _QuietLibraries(logging_std.Filter):
     return record.levelno >= logging_std.WARNING or 'orbax' not in record.pathname
 
 
+class DemoError(errors.UserError, ValueError):
+  """A flag of the demo that cannot be used; the message names it."""
+
+
+parse_flags = errors.absl_flags_parser(PROG)
+
+
 def main(argv):
+  """`app.run`'s main: returns 2 after one `error:` line for a user error (`errors.run_cli`)."""
+  return errors.run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise DemoError(f'unexpected arguments: {argv[1:]}')
+  for name in ('pretrain_steps', 'spin_steps', 'probe_frames'):
+    if flags.FLAGS[name].value < 1:
+      raise DemoError(f'--{name} {flags.FLAGS[name].value}: must be >= 1')
+  if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+    raise DemoError(f'--workdir {_WORKDIR.value}: is a file')
+  if _PRETRAINED.value and finished_step(_PRETRAINED.value) is None:  # before stage 1, not in 2
+    raise DemoError(f'--pretrained {_PRETRAINED.value}: no checkpoint (not a finished jaxspeech '
+                    'workdir)')
   logging.set_verbosity(logging.INFO)
   logging.get_absl_handler().addFilter(_QuietLibraries())
   logging.info('JAX %s on %s', jax.__version__, jax.devices())
@@ -295,4 +328,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

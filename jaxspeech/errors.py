@@ -18,6 +18,8 @@ it.
 
 from __future__ import annotations
 
+import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -58,9 +60,87 @@ def run_cli(main: Callable[..., Any], *args, prog: str | None = None, **kwargs) 
       raise
     name = prog or (sys.argv[0].rsplit('/', 1)[-1] if sys.argv and sys.argv[0] else 'jaxspeech')
     print(f'{name}: error: {one_line(e)}', file=sys.stderr, flush=True)
+    # The process is about to exit: what a library left half-done when the error was raised
+    # (e.g. Orbax's never-awaited reads of a damaged checkpoint) must not print tracebacks after
+    # the one line.
+    sys.unraisablehook = lambda unraisable: None
+    logging.getLogger('asyncio').disabled = True  # "Task exception was never retrieved"
     return USER_EXIT
   return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 
 class ConfigError(UserError, ValueError):
   """A config value that cannot work; the message starts with its key (`config.a.b=...`)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# absl command lines (`app.run(main, flags_parser=absl_flags_parser(PROG))`).
+
+
+def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+  """A flags parser for `absl.app.run`: a bad flag, a `--config.<key>` override naming no field
+  (ml_collections raises KeyError/AttributeError with a "Did you mean" hint from inside the flags
+  library) or a config file that is not Python is one line `PROG: error: ...`, exit 2 -- not
+  absl's usage dump (exit 1) or a traceback."""
+
+  def parse(argv: list[str]) -> list[str]:
+    from absl import flags
+
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      _usage_error(prog, _flag_error_line(e))
+    except (AttributeError, KeyError) as e:
+      _usage_error(prog, _override_error_line(e, argv))
+    except SyntaxError as e:
+      _usage_error(prog, f'--config {e.filename}: line {e.lineno}: {e.msg}')
+    raise AssertionError('unreachable')
+
+  return parse
+
+
+def loaded_config(holder, flag: str = 'config'):
+  """The value of an ml_collections `DEFINE_config_file` flag; a config file that failed to load
+  (missing, or raising while it builds) is a UserError naming it -- ml_collections defers that
+  error to the first use of the config, as an OSError holding its own traceback."""
+  import os
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  try:
+    config = holder.value
+    config.keys()  # a config file that failed to load raises on first use
+    return config
+  except OSError as e:
+    name = config_flags.get_config_filename(flags.FLAGS[flag]).split(':')[0]
+    if not os.path.exists(name):
+      raise UserError(f'--{flag} {name}: no such file') from None
+    raise UserError(f'--{flag} {name}: {_flag_error_line(e)}') from None
+
+
+def _usage_error(prog: str, message: str):
+  print(f'{prog}: error: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(USER_EXIT)
+
+
+def _flag_error_line(e: BaseException) -> str:
+  """absl's flag errors as one line: a config file's traceback shrinks to its last line."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  if len(lines) > 1:
+    return f'{lines[0]} {lines[-1]}'
+  return lines[0] if lines else type(e).__name__
+
+
+def _override_error_line(e: BaseException, argv: list[str]) -> str:
+  """ml_collections' error for `--config.a.b=v` naming no field, as one line naming the flag."""
+  text = str(e).replace('\\n', ' ').replace("\\'", "'")
+  names = re.findall(r"'([A-Za-z0-9_]+)'", text)
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  bad = hint.group(2) if hint else (names[0] if names else '')
+  flag = next((a.split('=', 1)[0] for a in argv[1:]
+               if a.startswith('--config.') and bad in a.split('=', 1)[0].split('.')), '')
+  if not flag or not bad:
+    return f'--config: {one_line(e)}'
+  return (f'{flag}: the config has no field {bad!r}'
+          + (f' (did you mean {hint.group(1)!r}?)' if hint else ''))

@@ -37,8 +37,10 @@ normalised. `--layer` is a hidden-state index (0 = transformer input, HF `hidden
 convention; negative counts from the end) or `last`. `--manifest` defaults to a workdir's own
 training manifest. Frame phone labels come from the manifest's `alignment` rows (frame t = phone
 covering its centre at 50 Hz); `--split` keeps only rows of one split (e.g. `test`, the held-out
-speakers of the built-in corpus). Errors (missing checkpoint, rows without alignments for
-units/abx, a task the model cannot do, ...) are printed to stderr with exit code 1.
+speakers of the built-in corpus). User errors (a bad flag value such as `--k 0`, a missing
+checkpoint or manifest, rows without alignments for units/abx, a task the model cannot do, a
+checkpoint of another architecture, ...) print one line `PROG: error: ...` naming the flag or file
+to stderr and exit with code 2 (`jaxspeech.errors.run_cli`); only a bug shows a traceback.
 """
 
 from __future__ import annotations
@@ -50,12 +52,25 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jaxspeech import errors
 from jaxspeech import workdir as workdir_lib
 from jaxspeech.eval import registry
 from jaxspeech.eval.registry import EvalError
 
+PROG = 'python -m jaxspeech.evaluate'
 # CLI flags that are task arguments (passed when given).
 TASK_FLAGS = ('layer', 'k', 'units', 'split', 'seed', 'standardize', 'fit_split')
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (argparse reports anything else as a usage error, exit 2)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+  return value
 
 
 def evaluate(checkpoint: str, manifest: str, task: str, **args) -> dict[str, float]:
@@ -71,7 +86,14 @@ def evaluate(checkpoint: str, manifest: str, task: str, **args) -> dict[str, flo
   if manifest and not os.path.exists(manifest):
     raise EvalError(f'--manifest {manifest}: no such file')
   ctx = workdir_lib.load_context(checkpoint)
-  return registry.run_task(ctx, task, **({'manifest': manifest} if manifest else {}), **args)
+  try:
+    return registry.run_task(ctx, task, **({'manifest': manifest} if manifest else {}), **args)
+  except ValueError as e:
+    if errors.is_user_error(e):
+      raise
+    # The evaluation functions reject unusable data with ValueError (e.g. a test speaker without
+    # training utterances, references without a token): a user error of this command.
+    raise EvalError(f'--task {task}: {e}') from e
 
 
 class EncoderFeatures:
@@ -89,15 +111,21 @@ class EncoderFeatures:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxspeech.evaluate',
-                              description=__doc__.split('\n')[0])
+  """The command line; returns its exit code (0, or 2 after one `error:` line for a user error;
+  argparse exits 2 itself for a bad flag)."""
+  return errors.run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
   p.add_argument('--checkpoint', required=True, help='HF dir, jaxspeech workdir, or mfcc')
   p.add_argument('--manifest', default='',
                  help="JSONL manifest ('' = the workdir's training manifest)")
   p.add_argument('--task', required=True,
                  help='a registered task: units, abx, speaker_probe, ctc, classification')
   p.add_argument('--layer', default=None, help="hidden-state index or 'last' (default)")
-  p.add_argument('--k', type=int, default=None, help='k-means clusters (units; default 50)')
+  p.add_argument('--k', type=positive_int, default=None,
+                 help='k-means clusters, >= 1 (units; default 50)')
   p.add_argument('--units', '--codebook', dest='units', action='store_true',
                  help="units: the model's own units (Spin, DinoSR codebooks) instead of k-means")
   p.add_argument('--split', default=None, help="only manifest rows with this split ('' = all)")
@@ -110,11 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   given = {k: getattr(args, k) for k in TASK_FLAGS
            if getattr(args, k) not in (None, False, '')}
-  try:
-    result = evaluate(args.checkpoint, args.manifest, args.task, **given)
-  except (EvalError, FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  result = evaluate(args.checkpoint, args.manifest, args.task, **given)
   print(json.dumps({k: float(v) for k, v in result.items()}))
   return 0
 

@@ -17,6 +17,9 @@ Units (`--units`, a workdir whose method predicts 'units', `Method.predict_fns`:
 ids argmax(z Cᵀ), DinoSR's nearest codeword of one target layer given as `--layers L`): one int32
 array [T] of per-frame unit ids per file under the key "<file stem>"; an `--out` ending in `.txt`
 gets one line per file instead, "<stem> id id id ...".
+`--out` is written exactly at the path given (an .npz archive whatever the name: `--out
+feats.bin` writes `feats.bin`, which `np.load` reads; numpy's own `savez` would add `.npz`),
+atomically (a temporary file renamed when complete), and the path written is printed.
 Audio is read with soundfile, averaged to mono and resampled to 16 kHz with scipy's polyphase
 `resample_poly`, then normalised per file to zero mean / unit variance as in training
 (`jaxspeech.audio.normalize_waveform`): always for a workdir, for an HF folder as its
@@ -24,7 +27,10 @@ Audio is read with soundfile, averaged to mono and resampled to 16 kHz with scip
 Wav2Vec2FeatureExtractor default). Files are grouped by length and padded to a few bucket
 lengths after normalising (padding is exact in jaxspeech's encoder, so this changes no number and
 bounds the number of compilations).
-A bad file (missing, unreadable, empty, NaN/inf) stops the run with its name; exit code 1.
+User errors (a bad file: missing, unreadable, empty, NaN/inf; a bad `--layers`; a checkpoint that
+is missing, of another architecture or with a garbage config.json; an `--out` that is a directory)
+print one line `PROG: error: ...` naming the file or flag and exit with code 2
+(`jaxspeech.errors.run_cli`); nothing is written then. Only a bug shows a traceback.
 """
 
 from __future__ import annotations
@@ -38,9 +44,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspeech import errors
 from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, normalize_waveform
 
+PROG = "python -m jaxspeech.extract"
 BUCKET = SAMPLE_RATE  # pad to whole seconds
+
+
+class ExtractError(errors.UserError, ValueError):
+  """A flag or checkpoint this command cannot use; the message names it."""
 
 
 def parse_layers(spec: str, num_layers: int) -> list[int]:
@@ -50,15 +62,16 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
   try:
     layers = [int(s) for s in spec.split(",") if s.strip()]
   except ValueError:
-    raise ValueError(f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
+    raise ExtractError(
+      f"--layers must be 'all' or comma-separated integers, got {spec!r}") from None
   out = []
   for i in layers:
     j = i + num_layers + 1 if i < 0 else i
     if not 0 <= j <= num_layers:
-      raise ValueError(f"--layers: layer {i} out of range 0..{num_layers}")
+      raise ExtractError(f"--layers: layer {i} out of range 0..{num_layers}")
     out.append(j)
   if not out:
-    raise ValueError("--layers is empty")
+    raise ExtractError("--layers is empty")
   return out
 
 
@@ -66,21 +79,23 @@ def is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "checkpoints"))
 
 
-def load_model(checkpoint: str):
+def load_model(checkpoint: str, label: str | None = None):
   """The SpeechEncoder of an HF checkpoint directory or of a jaxspeech workdir's model
-  (`Method.encoder`)."""
+  (`Method.encoder`). Errors name the source as `label` (default `--checkpoint CHECKPOINT`)."""
   from jaxspeech.interop import hf
   from jaxspeech.train.checkpoint import load_workdir_model
+  from jaxspeech.workdir import check_workdir_config
 
+  label = label or f"--checkpoint {checkpoint}"
   if not os.path.isdir(checkpoint):
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
+    raise FileNotFoundError(f"{label}: no such directory")
   if not is_workdir(checkpoint):
-    return hf.load_encoder(checkpoint)
-  method, model, config, _ = load_workdir_model(checkpoint)
+    return hf.load_encoder(checkpoint)  # its errors name the folder's files
+  check_workdir_config(os.path.abspath(checkpoint), label)
+  method, model, config, _ = load_workdir_model(checkpoint, label=label)
   encoder = method.encoder(model)
   if encoder is None:
-    raise ValueError(f"--checkpoint {checkpoint}: the {config.method.name} model has no speech "
-                     "encoder")
+    raise ExtractError(f"{label}: the {config.method.name} model has no speech encoder")
   return encoder
 
 
@@ -104,13 +119,13 @@ def load_units_context(checkpoint: str):
   if not os.path.isdir(checkpoint):
     raise FileNotFoundError(f"--checkpoint {checkpoint}: no such directory")
   if not is_workdir(checkpoint):
-    raise ValueError(f"--units: {checkpoint} is not a jaxspeech workdir (an HF encoder folder has "
-                     "no codebook)")
+    raise ExtractError(f"--units: {checkpoint} is not a jaxspeech workdir (an HF encoder folder "
+                       "has no codebook)")
   ctx = load_context(checkpoint)
   if "units" not in ctx.predict:
-    raise ValueError(f"--units: the {ctx.method.name} model of {checkpoint} has no discrete units "
-                     f"(its predictions are {sorted(ctx.predict)}; use e.g. a Spin or DinoSR "
-                     "workdir)")
+    raise ExtractError(f"--units: the {ctx.method.name} model of {checkpoint} has no discrete "
+                       f"units (its predictions are {sorted(ctx.predict)}; use e.g. a Spin or "
+                       "DinoSR workdir)")
   return ctx
 
 
@@ -133,7 +148,8 @@ def _stems(files: Sequence[str]) -> list[str]:
   stems = [os.path.splitext(os.path.basename(f))[0] for f in files]
   dup = sorted({s for s in stems if stems.count(s) > 1})
   if dup:
-    raise ValueError(f"several input files share the stem(s) {dup}; output keys would collide")
+    raise ExtractError(f"--audio: several files share the stem(s) {dup}; output keys would "
+                       "collide")
   return stems
 
 
@@ -152,7 +168,12 @@ def extract_units(
   run = jax.jit(lambda w, m: units_fn(w, m) if layer is None else units_fn(w, m, layer))
   result = {}
   for idx, wav, mask in _batches(wavs, batch_size, BUCKET):
-    units, frame_mask = run(wav, mask)
+    try:
+      units, frame_mask = run(wav, mask)
+    except ValueError as e:  # the method rejects the layer, e.g. DinoSR's layer without codebook
+      if errors.is_user_error(e):
+        raise
+      raise ExtractError(f"--units: {e}") from e
     units, frames = np.asarray(units), np.asarray(frame_mask).sum(-1)
     for r, i in enumerate(idx):
       if frames[r] < 1:
@@ -188,46 +209,68 @@ def extract(
   return result
 
 
+def write_output(out: str, feats: dict[str, np.ndarray], units_text: bool = False) -> str:
+  """Writes `feats` at exactly `out` (an .npz archive, or with `units_text` one line
+  "<stem> id id ..." per file) through a temporary file renamed when complete; returns the path
+  written."""
+  if os.path.isdir(out):
+    raise ExtractError(f"--out {out}: is a directory (give a file name)")
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  tmp = f"{out}.tmp{os.getpid()}"
+  try:
+    with open(tmp, "w" if units_text else "wb") as f:
+      if units_text:
+        for stem, ids in feats.items():
+          f.write(stem + " " + " ".join(str(int(i)) for i in ids) + "\n")
+      else:
+        np.savez(f, **feats)  # a file object: no ".npz" appended
+    os.replace(tmp, out)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
-    prog="python -m jaxspeech.extract", description=__doc__.split("\n")[0]
-  )
+  """The command line; returns its exit code (0, or 2 after one `error:` line for a user error;
+  argparse exits 2 itself for a bad flag)."""
+  return errors.run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
   p.add_argument("--checkpoint", required=True, help="HF checkpoint directory or jaxspeech workdir")
   p.add_argument("--audio", nargs="+", required=True, help="audio files (any soundfile format)")
   p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
   p.add_argument("--units", action="store_true",
                  help="per-frame unit ids (a workdir whose method predicts units: Spin, DinoSR)")
-  p.add_argument("--out", required=True, help="output .npz (or .txt with --units)")
+  p.add_argument("--out", required=True,
+                 help="output file, written at exactly this path: an .npz archive (or, with "
+                 "--units and a name ending in .txt, text)")
   p.add_argument("--batch-size", type=int, default=8)
   args = p.parse_args(argv)
-  try:
-    if args.units:
-      ctx = load_units_context(args.checkpoint)
-      layer = None
-      if args.layers != "all":  # one layer: e.g. DinoSR has units per target layer
-        encoder = ctx.method.encoder(ctx.model)
-        layers = parse_layers(args.layers, encoder.config.num_hidden_layers)
-        if len(layers) != 1:
-          raise ValueError(f"--units takes one layer, got --layers {args.layers}")
-        layer = layers[0]
-      feats = extract_units(ctx.predict["units"], args.audio, args.batch_size, normalize=True,
-                            layer=layer)  # a workdir's model: normalised input, as in training
-    else:
-      model = load_model(args.checkpoint)
-      layers = parse_layers(args.layers, model.config.num_hidden_layers)
-      feats = extract(model, args.audio, layers, args.batch_size,
-                      normalize=input_normalized(args.checkpoint))
-  except (AudioError, ValueError, FileNotFoundError, NotImplementedError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  if args.units and args.out.endswith(".txt"):
-    with open(args.out, "w") as f:
-      for stem, ids in feats.items():
-        f.write(stem + " " + " ".join(str(int(i)) for i in ids) + "\n")
+  if args.batch_size < 1:
+    p.error(f"argument --batch-size: must be >= 1, got {args.batch_size}")
+  if os.path.isdir(args.out):  # before the work, not after it
+    raise ExtractError(f"--out {args.out}: is a directory (give a file name)")
+  if args.units:
+    ctx = load_units_context(args.checkpoint)
+    layer = None
+    if args.layers != "all":  # one layer: e.g. DinoSR has units per target layer
+      encoder = ctx.method.encoder(ctx.model)
+      layers = parse_layers(args.layers, encoder.config.num_hidden_layers)
+      if len(layers) != 1:
+        raise ExtractError(f"--units takes one layer, got --layers {args.layers}")
+      layer = layers[0]
+    feats = extract_units(ctx.predict["units"], args.audio, args.batch_size, normalize=True,
+                          layer=layer)  # a workdir's model: normalised input, as in training
   else:
-    np.savez(args.out, **feats)
-  print(f"wrote {len(feats)} arrays for {len(args.audio)} files to {args.out}")
+    model = load_model(args.checkpoint)
+    layers = parse_layers(args.layers, model.config.num_hidden_layers)
+    feats = extract(model, args.audio, layers, args.batch_size,
+                    normalize=input_normalized(args.checkpoint))
+  path = write_output(args.out, feats, units_text=args.units and args.out.endswith(".txt"))
+  print(f"wrote {len(feats)} arrays for {len(args.audio)} files to {path}")
   return 0
 
 

@@ -71,40 +71,14 @@ def main(argv):
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.local_devices())
   # User errors (config values, paths, data, a refused workdir): one line, exit 2.
-  code = errors.run_cli(trainer.train_and_evaluate, _CONFIG.value, _WORKDIR.value,
+  code = errors.run_cli(lambda: trainer.train_and_evaluate(errors.loaded_config(_CONFIG),
+                                                          _WORKDIR.value),
                         prog='jaxspeech.main')
   if code:
     sys.exit(code)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with a misspelt `--config.a.b` key (ml_collections raises KeyError /
-  AttributeError with its "Did you mean" hint) reported in one line, exit 2, not as a traceback
-  from inside the flags library."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f'jaxspeech.main: error: {errors.one_line(e)}', file=sys.stderr)
-    sys.exit(errors.USER_EXIT)
-  except (KeyError, AttributeError) as e:
-    # ml_collections nests the KeyError's repr in an AttributeError: unquote and unescape.
-    msg = str(e)
-    for _ in range(3):
-      msg = msg.strip('"\'').replace('\\n', ' ').replace("\\'", "'").replace('\n', ' ')
-    key = msg.split("'")[0] if "'" in msg else msg.split()[0]
-    hint = msg[msg.index('Did you mean'):] if 'Did you mean' in msg else ''
-    print(f'jaxspeech.main: error: {_flag_of(argv, key)}: unknown config key {key!r}'
-          + (f' ({hint[0].lower()}{hint[1:]})' if hint else ''), file=sys.stderr)
-    sys.exit(errors.USER_EXIT)
-
-
-def _flag_of(argv: list[str], msg: str) -> str:
-  """The --config.* argument that names the unknown key `msg`, else '--config'."""
-  for a in argv[1:]:
-    key = a.split('=', 1)[0]
-    if key.startswith('--config.') and msg in key.split('.'):
-      return key
-  return '--config'
+parse_flags = errors.absl_flags_parser('jaxspeech.main')
 
 
 if __name__ == '__main__':

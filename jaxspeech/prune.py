@@ -22,11 +22,24 @@ the phase's starting parameters, so phases resume like any run. The final parame
 fractions go to `WORKDIR/sparsity.json` (`{"<tensor path>": zero_fraction, ..., "global": ...}`
 over the `prune.pattern` tensors) and the phases and their update counts to
 `WORKDIR/prune_phases.json`.
+
+Each phase writes the config it runs with (the keys its result depends on) to `prune_phase.json`
+in its folder before it starts. A re-run with the same config resumes (finished phases are
+skipped). A re-run with another config, e.g. a new `prune.sparsity`, stops before it writes
+anything when a phase that already holds a checkpoint ran with other values: one line names the
+phase's folder and the differing keys; the finished work is never silently reused for another
+config (use a new --workdir). Keys that cannot change the weights (logging, checkpoint and eval
+cadence, mesh: `UNCOMPARED`) are not compared.
+
+User errors (a bad flag, a `--config.<key>` naming no field, a config file that does not load, a
+phase that ran with another config, a checkpoint of another architecture...) print one line
+`python -m jaxspeech.prune: error: ...` and exit with code 2; only a bug shows a traceback.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any
@@ -35,10 +48,33 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxspeech import errors
 from jaxspeech.methods.prune_spec import FIXED_MASK, METHODS
 from jaxspeech.ops import pruning
 
 PyTree = Any
+PROG = 'python -m jaxspeech.prune'
+RECORD = 'prune_phase.json'  # in every phase's folder: the config the phase ran with
+# Keys of a phase's training config that cannot change its parameters (logging, evaluation and
+# checkpoint cadence, device layout, input workers): not compared on a re-run.
+UNCOMPARED = ('mesh', 'evals', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+              'train.keep_checkpoints', 'train.async_checkpointing', 'train.kill_after_step',
+              'train.allow_fallback', 'data.num_workers', 'data.cache_dir')
+# What theta_init (`initial_params`) depends on.
+INIT_KEYS = ('init_from', 'train.seed', 'model.', 'method.', 'data.manifest', 'data.split',
+             'data.builtin_utterances')
+
+
+class PruneError(errors.UserError, ValueError):
+  """A flag, file or workdir the runner cannot use; the message names it."""
+
+
+class PruneConfigError(errors.ConfigError, PruneError):
+  """A `config.prune` setting the runner cannot use; the message starts with the key."""
+
+
+class PhaseConfigError(PruneError):
+  """A phase of the workdir ran with another config than the one now requested."""
 
 
 def _single_device(config):
@@ -65,17 +101,21 @@ def _read_config(workdir: str):
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(f'{workdir}: no config.json (not a jaxspeech training workdir)')
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError) as e:
+    raise PruneError(f'{path}: not a jaxspeech training config ({e})') from None
 
 
-def restore_params(workdir: str, config=None) -> PyTree:
-  """Latest parameters of a training workdir (its own config unless `config` is given)."""
+def restore_params(workdir: str, config=None, label: str | None = None) -> PyTree:
+  """Latest parameters of a training workdir (its own config unless `config` is given); errors
+  name it as `label` (default: `config.init_from=WORKDIR`)."""
   from jaxspeech.train import checkpoint as ckpt_lib
 
   workdir = os.path.abspath(workdir)
   _, setup = _setup(config if config is not None else _read_config(workdir))
-  params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state)
+  params, _ = ckpt_lib.restore_params_from_workdir(workdir, setup.abstract_state, label=label)
   return jax.tree.map(np.asarray, params)
 
 
@@ -109,10 +149,6 @@ def save_params(path: str, params: PyTree) -> None:
     ckpt.close()
 
 
-def _done(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, 'checkpoints'))
-
-
 def initial_params(config) -> PyTree:
   """theta_init: the seeded model with the pretrained encoder of `config.init_from` (if any)."""
   from jaxspeech.train import checkpoint as ckpt_lib
@@ -142,9 +178,17 @@ def _phase_config(config, init_dir: str, method: str, sparsity: float):
   return c
 
 
+def _done(workdir: str) -> bool:
+  """Whether `workdir` holds a complete checkpoint (Orbax renames a step's temporary folder to
+  its number when the save is complete)."""
+  d = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
 def _train(config, workdir: str) -> dict:
   """Trains a phase, or reads its final metrics when its last checkpoint exists already (a
-  finished phase is not re-entered: e.g. the sweep shares one dense run among OMP runs)."""
+  finished phase is not re-entered: e.g. the sweep shares one dense run among OMP runs; that it
+  ran with this config is checked by `check_phases` first)."""
   from jaxspeech.train.trainer import train_and_evaluate
   last = os.path.join(workdir, 'checkpoints', str(int(config.train.num_steps)))
   final = os.path.join(workdir, 'final_metrics.json')
@@ -161,76 +205,236 @@ def sparsity_report(params: PyTree, pattern: str) -> dict[str, float]:
   return {k: float(v) for k, v in pruning.sparsity_stats(params, pattern).items()}
 
 
-def run(config, workdir: str) -> dict:
-  """Every phase of `config.prune.method`; returns {'sparsity': ..., 'phases': [...]}."""
-  workdir = os.path.abspath(workdir)
+# ---------------------------------------------------------------------------------------------
+# The phases of a run and the config each ran with.
+
+
+@dataclasses.dataclass
+class Phase:
+  """One phase: 'init' (theta_init), 'mask' (a start point m * theta of a masked phase) or
+  'train' (a fine-tuning run). `record` is what its result depends on (flat config keys), written
+  to `workdir/RECORD` when the phase starts and compared on every re-run."""
+  kind: str
+  workdir: str
+  method: str
+  sparsity: float
+  record: dict
+  config: Any = None  # 'train': the phase's training config
+  source: str = ''  # 'mask': the fine-tuned phase whose weights are pruned
+
+
+def flatten(tree, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': leaf} of a nested dict (a ConfigDict's `to_dict()`)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict) and v:
+      out.update(flatten(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _jsonable(record: dict) -> dict:
+  """As read back from JSON (tuples -> lists), so a fresh record compares equal to a stored one."""
+  return json.loads(json.dumps(record, sort_keys=True, default=str))
+
+
+def _matches(key: str, prefixes) -> bool:
+  return any(key == p or key.startswith(p if p.endswith('.') else p + '.') for p in prefixes)
+
+
+def _train_record(config, root: str) -> dict:
+  flat = flatten(config.to_dict())
+  method = str(config.prune.method)
+  rec = {k: v for k, v in flat.items() if not _matches(k, UNCOMPARED)}
+  rec['init_from'] = os.path.relpath(str(config.init_from), root)  # a phase of this workdir
+  drop = ['prune.imp_rounds', 'prune.rewind']  # recorded by the 'mask' phases
+  if method != 'parp':
+    drop.append('prune.every')
+  if method == 'none':
+    drop += ['prune.pattern', 'prune.scope']
+  return _jsonable({k: v for k, v in rec.items() if k not in drop})
+
+
+def plan(config, workdir: str) -> list[Phase]:
+  """Every phase of `config.prune.method` in `workdir` (absolute), in order, with its record."""
   method = str(config.prune.method)
   if method not in METHODS:
-    raise ValueError(f'config.prune.method={method!r}: choose one of {METHODS}')
+    raise PruneConfigError(f'config.prune.method={method!r}: choose one of {METHODS}')
   s = float(config.prune.sparsity)
+  if not 0.0 <= s < 1.0:
+    raise PruneConfigError(f'config.prune.sparsity={s}: must be in [0, 1)')
   phases_dir = os.path.join(workdir, 'phases')
   init_dir = os.path.join(phases_dir, 'init')
-  if not _done(init_dir):
-    save_params(init_dir, initial_params(config))
-  phases = []
+  flat = flatten(config.to_dict())
+  init_rec = {k: v for k, v in flat.items() if _matches(k, INIT_KEYS)}
+  init_rec['init_from'] = os.path.abspath(str(config.init_from)) if config.init_from else ''
+  out = [Phase('init', init_dir, 'none', 0.0, _jsonable(init_rec))]
+
+  def train(run_dir, start_dir, m, sparsity):
+    cfg = _phase_config(config, start_dir, m, sparsity)
+    out.append(Phase('train', run_dir, m, sparsity, _train_record(cfg, workdir), config=cfg))
+
   if method in ('none', 'parp', 'mpi'):
-    cfg = _phase_config(config, init_dir, method, s)
-    phases.append({'workdir': workdir, 'method': method, 'sparsity': s,
-                   'metrics': _train(cfg, workdir)})
-  else:
-    rounds = 1 if method == 'omp' else int(config.prune.imp_rounds)
-    if rounds < 1:
-      raise ValueError(f'config.prune.imp_rounds={rounds}: must be >= 1')
-    prev = os.path.join(phases_dir, 'dense')
-    cfg = _phase_config(config, init_dir, 'none', 0.0)
-    phases.append({'workdir': prev, 'method': 'none', 'sparsity': 0.0,
-                   'metrics': _train(cfg, prev)})
-    theta_init = None
-    for k in range(1, rounds + 1):
-      s_k = 1.0 - (1.0 - s) ** (k / rounds) if k < rounds else s
-      start_dir = os.path.join(phases_dir, f'round{k}_init')
-      run_dir = workdir if k == rounds else os.path.join(phases_dir, f'round{k}')
-      if not _done(start_dir):
-        tuned = restore_params(prev, _phase_config(config, init_dir, 'none', 0.0))
-        masks = pruning.magnitude_masks(tuned, s_k, str(config.prune.pattern),
+    train(workdir, init_dir, method, s)
+    return out
+  rounds = 1 if method == 'omp' else int(config.prune.imp_rounds)
+  if rounds < 1:
+    raise PruneConfigError(f'config.prune.imp_rounds={rounds}: must be >= 1')
+  assert method in FIXED_MASK
+  prev = os.path.join(phases_dir, 'dense')
+  train(prev, init_dir, 'none', 0.0)
+  for k in range(1, rounds + 1):
+    s_k = 1.0 - (1.0 - s) ** (k / rounds) if k < rounds else s
+    start_dir = os.path.join(phases_dir, f'round{k}_init')
+    rec = {'source': os.path.relpath(prev, workdir), 'prune.sparsity': s_k,
+           'prune.rewind': bool(config.prune.rewind), 'prune.pattern': str(config.prune.pattern),
+           'prune.scope': str(config.prune.scope)}
+    out.append(Phase('mask', start_dir, method, s_k, _jsonable(rec), source=prev))
+    run_dir = workdir if k == rounds else os.path.join(phases_dir, f'round{k}')
+    train(run_dir, start_dir, method, s_k)
+    prev = run_dir
+  return out
+
+
+def _read_record(phase_dir: str) -> dict | None:
+  path = os.path.join(phase_dir, RECORD)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)['config']
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise PhaseConfigError(f'{path}: unreadable phase record ({e}); use a new --workdir') from None
+
+
+def _show(v) -> str:
+  text = json.dumps(v)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def record_diff(old: dict, new: dict) -> list[str]:
+  """The keys whose values differ between two phase records (a key only in one counts)."""
+  missing = object()
+  return sorted(k for k in set(old) | set(new) if old.get(k, missing) != new.get(k, missing))
+
+
+def check_phases(phases: list[Phase]) -> None:
+  """Raises PhaseConfigError, before anything is written, when a phase that holds a checkpoint
+  ran with another config than the one requested now (its record differs: one line naming the
+  keys and the phase's folder), or holds a checkpoint without a record (a workdir of an older
+  runner, or another kind of run). A phase without a checkpoint has done nothing and is free."""
+  for ph in phases:
+    if not _done(ph.workdir):
+      continue
+    old = _read_record(ph.workdir)
+    if old is None:
+      raise PhaseConfigError(
+        f'{ph.workdir}: holds checkpoints but no {RECORD} (not written by this prune runner), so '
+        'the config it ran with cannot be checked; use a new --workdir')
+    diff = record_diff(old, ph.record)
+    if diff:
+      shown = ', '.join(f'{k}: {_show(old.get(k))} -> {_show(ph.record.get(k))}'
+                        for k in diff[:4])
+      more = f' and {len(diff) - 4} more' if len(diff) > 4 else ''
+      raise PhaseConfigError(
+        f'{ph.workdir}: this {ph.kind} phase ran with another config ({shown}{more}); its results '
+        'are kept as they are: use a new --workdir for the new config')
+
+
+def write_record(ph: Phase, root: str) -> None:
+  """`ph.workdir/RECORD` (atomically; process 0), before the phase writes anything else."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(ph.workdir, exist_ok=True)
+  path = os.path.join(ph.workdir, RECORD)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump({'phase': os.path.relpath(ph.workdir, root), 'kind': ph.kind, 'method': ph.method,
+               'sparsity': ph.sparsity, 'config': ph.record}, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def run(config, workdir: str) -> dict:
+  """Every phase of `config.prune.method`; returns {'sparsity': ..., 'phases': [...]}.
+
+  Each phase records the config it runs with (`RECORD` in its folder). A re-run with the same
+  config resumes: finished phases are skipped, an interrupted one resumes. A re-run with another
+  config (e.g. a new `prune.sparsity`) whose phases already hold checkpoints stops before writing
+  anything, with one line naming the phase's folder and the differing keys (`check_phases`)."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise PruneError(f'--workdir {workdir}: is a file')
+  method = str(config.prune.method)
+  s = float(config.prune.sparsity)
+  phases = plan(config, workdir)
+  check_phases(phases)
+  init_dir = phases[0].workdir
+  results, theta_init = [], None
+  for ph in phases:
+    if not _done(ph.workdir):
+      write_record(ph, workdir)  # (re)written only while the phase holds no checkpoint
+    if ph.kind == 'init':
+      if not _done(ph.workdir):
+        save_params(ph.workdir, initial_params(config))
+    elif ph.kind == 'mask':
+      if not _done(ph.workdir):
+        tuned = restore_params(ph.source, _phase_config(config, init_dir, 'none', 0.0),
+                               label=f'prune phase {ph.source}')
+        masks = pruning.magnitude_masks(tuned, ph.sparsity, str(config.prune.pattern),
                                         str(config.prune.scope))
         if bool(config.prune.rewind):
           if theta_init is None:
-            theta_init = restore_params(init_dir, config)
+            theta_init = restore_params(init_dir, config, label=f'prune phase {init_dir}')
           base = theta_init
         else:
           base = tuned
-        save_params(start_dir, jax.tree.map(np.asarray, pruning.apply_masks(base, masks)))
-      assert method in FIXED_MASK
-      cfg = _phase_config(config, start_dir, method, s_k)
-      phases.append({'workdir': run_dir, 'method': method, 'sparsity': s_k,
-                     'metrics': _train(cfg, run_dir)})
-      prev = run_dir
-  final = restore_params(workdir, _phase_config(config, init_dir, method, s))
+        save_params(ph.workdir, jax.tree.map(np.asarray, pruning.apply_masks(base, masks)))
+    else:
+      results.append({'workdir': ph.workdir, 'method': ph.method, 'sparsity': ph.sparsity,
+                      'metrics': _train(ph.config, ph.workdir)})
+  final = restore_params(workdir, _phase_config(config, init_dir, method, s),
+                         label=f'prune run {workdir}')
   report = sparsity_report(final, str(config.prune.pattern))
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'sparsity.json'), 'w') as f:
       json.dump(report, f, indent=1)
     summary = [{'workdir': p['workdir'], 'method': p['method'], 'sparsity': p['sparsity'],
-                'updates': int(config.train.num_steps)} for p in phases]
+                'updates': int(config.train.num_steps)} for p in results]
     with open(os.path.join(workdir, 'prune_phases.json'), 'w') as f:
-      json.dump({'method': method, 'sparsity': s, 'fine_tuning_runs': len(phases),
+      json.dump({'method': method, 'sparsity': s, 'fine_tuning_runs': len(results),
                  'phases': summary}, f, indent=1)
   logging.info('prune_runner: %s at %.3f done; measured global zero fraction %.4f', method, s,
                report['global'])
-  return {'sparsity': report, 'phases': phases}
+  return {'sparsity': report, 'phases': results}
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+
+
+parse_flags = errors.absl_flags_parser(PROG)
+
+
+def _config():
+  """The parsed `--config`; a config file that failed to load is a user error naming it."""
+  return errors.loaded_config(_CONFIG)
 
 
 def main(argv):
+  """`app.run`'s main: returns 2 after one `error:` line for a user error (`errors.run_cli`)."""
+  return errors.run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv):
   import logging as logging_std
 
-  from absl import app
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise PruneError(f'unexpected arguments: {argv[1:]}')
   if logging.get_verbosity() < 1:  # Orbax logs several INFO lines per save/restore
     logging.get_absl_handler().addFilter(
       lambda r: r.levelno >= logging_std.WARNING or 'orbax' not in r.pathname)
-  run(_CONFIG.value, _WORKDIR.value)
+  run(_config(), _WORKDIR.value)
 
 
 if __name__ == '__main__':
@@ -241,4 +445,4 @@ if __name__ == '__main__':
                                             lock_config=True)
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the final run.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

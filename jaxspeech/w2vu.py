@@ -25,6 +25,11 @@ r"""wav2vec-U 2.0 end to end: raw audio + unpaired text -> unsupervised phone re
                  phone sequences from the text's phone LM), the seed picked by the metric, and
                  the Spearman rank correlation between the metric and PER over seeds.
 WORKDIR/results.json and WORKDIR/results.md hold the table.
+
+User errors (a bad flag or `--set` override, a missing encoder or manifest, a bad audio file...)
+print one line `PROG: error: ...` naming the flag or file and exit with code 2
+(`jaxspeech.errors.run_cli`); the flags of `run` are checked before any stage starts. Only a bug
+shows a traceback.
 """
 
 from __future__ import annotations
@@ -41,9 +46,22 @@ from collections.abc import Sequence
 import numpy as np
 from absl import logging
 
-from jaxspeech import demo
+from jaxspeech import demo, errors
 
+PROG = 'python -m jaxspeech.w2vu'
 FIT_SPLIT, EVAL_SPLIT = 'train', 'test'
+INPUTS = ('ssl', 'mfcc', 'oracle')
+
+
+class StudyError(errors.UserError, ValueError):
+  """A flag of the study that cannot be used; the message names it."""
+
+
+class OverrideKeyError(errors.UserError, KeyError):
+  """`--set KEY=VALUE` names a field the config does not have."""
+
+  def __str__(self):  # KeyError would quote the message
+    return str(self.args[0]) if self.args else ''
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,7 +95,7 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
   elif encoder == 'oracle':
     feats = oracle_features(rows, [len(m) for m in mfccs])
   else:
-    ctx = workdir_lib.load_context(encoder)
+    ctx = workdir_lib.load_context(encoder, label=f'--encoder {encoder}')
     feats = common.layer_outputs(ctx, wavs, common.layer_index(ctx, layer), batch_size)
   out = feature_cache.write_feature_cache(out_dir, rows, feats, mfccs, meta=meta)
   logging.info('features of %d utterances (%s, layer %s) + MFCC k-means targets in %.0f s',
@@ -141,7 +159,7 @@ def _train_eval(config, workdir: str) -> dict[str, float]:
   t0 = time.perf_counter()
   demo.train(config, workdir)
   wall = time.perf_counter() - t0
-  ctx = workdir_lib.load_context(workdir)
+  ctx = workdir_lib.load_context(workdir, label=f'the study run {workdir}')
   out = {'per': registry.run_task(ctx, 'per', split=EVAL_SPLIT)['per'], 'train_seconds': wall}
   if not bool(config.method.supervised):
     out.update(registry.run_task(ctx, 'lm_selection', split=FIT_SPLIT))
@@ -167,17 +185,20 @@ def apply_overrides(config, items: Sequence[str]) -> None:
   for item in items:
     key, sep, raw = item.partition('=')
     if not sep:
-      raise ValueError(f'--set {item!r}: expected KEY=VALUE')
+      raise StudyError(f'--set {item!r}: expected KEY=VALUE')
     try:
       old = functools.reduce(lambda node, k: node[k], key.split('.'), config)
-    except (KeyError, TypeError):
-      raise KeyError(f'--set {item!r}: config has no field {key!r}') from None
+    except (KeyError, TypeError, AttributeError):
+      raise OverrideKeyError(f'--set {item!r}: config has no field {key!r}') from None
     if isinstance(old, bool):
       if raw.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'--set {item!r}: {key} is a bool')
+        raise StudyError(f'--set {item!r}: {key} is a bool')
       flat[key] = raw.lower() in ('true', '1')
     else:
-      flat[key] = type(old)(raw)
+      try:
+        flat[key] = type(old)(raw)
+      except (TypeError, ValueError):
+        raise StudyError(f'--set {item!r}: {key} is a {type(old).__name__}') from None
   config.update_from_flattened_dict(flat)
 
 
@@ -187,16 +208,43 @@ def spearman(a: Sequence[float], b: Sequence[float]) -> float:
   return float(spearmanr(a, b).statistic)
 
 
+def check_args(args) -> list[int]:
+  """The flags of `run`, checked before any stage starts (StudyError naming the flag); returns
+  the seeds."""
+  try:
+    seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
+  except ValueError:
+    raise StudyError(f'--seeds {args.seeds!r}: expected comma-separated integers') from None
+  if not seeds:
+    raise StudyError('--seeds: no seed')
+  names = [n for n in args.inputs.split(',') if n.strip()]
+  unknown = [n for n in names if n not in INPUTS]
+  if unknown or not names:
+    raise StudyError(f'--inputs {args.inputs!r}: unknown input(s) {unknown} (choose from '
+                     f'{", ".join(INPUTS)})')
+  if args.encoder and not os.path.exists(args.encoder):
+    raise StudyError(f'--encoder {args.encoder}: no such directory')
+  for flag in ('steps', 'batch_size', 'eval_every', 'pretrain_steps', 'text_sentences'):
+    if getattr(args, flag) < 0:
+      raise StudyError(f'--{flag.replace("_", "-")} {getattr(args, flag)}: must be >= 0')
+  if not 0.0 <= args.sil_prob <= 1.0:
+    raise StudyError(f'--sil-prob {args.sil_prob}: must be in [0, 1]')
+  apply_overrides(demo.experiment_config('w2vu2', 'tiny'), args.set)  # a bad --set fails now
+  return seeds
+
+
 def run(args) -> dict:
   from data_pipelines import synth, text
   from data_pipelines.manifest import read_manifest
   from jaxspeech.eval.lm_selection import lm_path
   from jaxspeech.eval.phone_lm import PhoneLM
 
+  seeds = check_args(args)
   t_start = time.perf_counter()
   wd = os.path.abspath(args.workdir)
+  if os.path.exists(wd) and not os.path.isdir(wd):
+    raise StudyError(f'--workdir {args.workdir}: is a file')
   os.makedirs(wd, exist_ok=True)
-  seeds = [int(s) for s in args.seeds.split(',') if s.strip()]
   corpus = synth.built_in_corpus()
   corpus_rows = read_manifest(corpus)
 
@@ -207,9 +255,7 @@ def run(args) -> dict:
     c.train.num_steps = args.pretrain_steps
     demo.train(c, encoder)
   feats = {}
-  for name in args.inputs.split(','):
-    if name not in ('ssl', 'mfcc', 'oracle'):
-      raise ValueError(f'--inputs: unknown input {name!r} (ssl, mfcc, oracle)')
+  for name in [n for n in args.inputs.split(',') if n.strip()]:
     src, layer = (encoder, args.layer) if name == 'ssl' else (name, '0')
     feats[name] = cache_features(src, layer, os.path.join(wd, f'features_{name}'))
   timing = {'until_features_seconds': time.perf_counter() - t_start}
@@ -317,7 +363,13 @@ def format_table(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(prog='python -m jaxspeech.w2vu', description=__doc__.split('\n')[0])
+  """The command line; returns its exit code (0, or 2 after one `error:` line for a user error;
+  argparse exits 2 itself for a bad flag)."""
+  return errors.run_cli(_main, argv, prog=PROG)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
   sub = p.add_subparsers(dest='command', required=True)
   f = sub.add_parser('features', help='cache the features of an encoder layer (or MFCC)')
   f.add_argument('--encoder', required=True, help="HF folder, jaxspeech workdir, or 'mfcc'")

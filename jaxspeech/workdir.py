@@ -18,15 +18,35 @@ from jaxspeech.eval.registry import EvalContext, EvalError
 from jaxspeech.train.checkpoint import load_workdir_model
 
 
-def restore_extra(workdir: str, abstract_state):
+def _root_cause(e: BaseException) -> str:
+  """`Type: first line` of the innermost cause (Orbax wraps the TensorStore error that names the
+  damaged file; both run to dozens of lines), at most 200 characters."""
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  first = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
+  text = f'{type(e).__name__}: {first}' if first else type(e).__name__
+  return text if len(text) <= 200 else text[:197] + '...'
+
+
+def restore_extra(workdir: str, abstract_state, label: str | None = None):
   """`extra` (teacher, codebooks, pruning masks...) of a workdir's latest checkpoint, the other
   items skipped. The restore target is the configured train state's shapes with every item but
-  `extra` a placeholder, so no checkpoint metadata is needed."""
+  `extra` a placeholder, so no checkpoint metadata is needed. A checkpoint that cannot be read
+  (damaged files) is an EvalError naming the workdir as `label` and the root cause, in one line."""
+  import grain
   import orbax.checkpoint as ocp
 
   if not jax.tree.leaves(abstract_state['extra']):
     return abstract_state['extra']  # nothing to read (e.g. Spin keeps no extra state)
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'))
+  label = label or f'--checkpoint {workdir}'
+  # Both items' handlers registered: Orbax warns about an item it has no handler for.
+  mngr = ocp.CheckpointManager(
+    os.path.join(workdir, 'checkpoints'), item_names=('state', 'data'),
+    item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                   'data': grain.checkpoint.CheckpointHandler()})
+  step = None
   try:
     step = mngr.latest_step()
     target = {k: jax.tree.map(lambda _: ocp.PLACEHOLDER, v) for k, v in abstract_state.items()
@@ -36,38 +56,61 @@ def restore_extra(workdir: str, abstract_state):
       state=ocp.args.PyTreeRestore(item=target, restore_args=jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if hasattr(a, 'sharding')
         else ocp.RestoreArgs(), target))))
+  except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore errors of a damaged checkpoint
+    raise EvalError(f'{label}: checkpoint {step} cannot be read ({_root_cause(e)})') from e
   finally:
     mngr.close()
   return restored['state']['extra']
 
 
-def workdir_context(workdir: str) -> EvalContext:
-  """A training workdir's method, model (latest parameters), extra state and predictions."""
+def check_workdir_config(workdir: str, label: str) -> None:
+  """EvalError naming `label` unless `workdir/config.json` exists and is a JSON object (checked
+  before a loader trips over it with a traceback)."""
+  import json
+
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    raise EvalError(f'{label}: has checkpoints/ but no config.json')
+  try:
+    with open(path, 'rb') as f:
+      config = json.loads(f.read().decode('utf-8'))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise EvalError(f'{label}: {path} is not valid JSON ({e})') from None
+  if not isinstance(config, dict) or not isinstance(config.get('method'), dict):
+    raise EvalError(f'{label}: {path} is not a jaxspeech training config (no `method`)')
+
+
+def workdir_context(workdir: str, label: str | None = None) -> EvalContext:
+  """A training workdir's method, model (latest parameters), extra state and predictions.
+  `label` names the workdir in errors as the user gave it (default `--checkpoint WORKDIR`)."""
+  label = label or f'--checkpoint {workdir}'
   workdir = os.path.abspath(workdir)  # Orbax needs absolute paths
-  if not os.path.exists(os.path.join(workdir, 'config.json')):
-    raise EvalError(f'--checkpoint {workdir}: has checkpoints/ but no config.json')
-  method, model, config, setup = load_workdir_model(workdir)
-  extra = restore_extra(workdir, setup.abstract_state)
+  check_workdir_config(workdir, label)
+  method, model, config, setup = load_workdir_model(workdir, label=label)
+  extra = restore_extra(workdir, setup.abstract_state, label)
   # The trainer always normalises its input (`jaxspeech.train.data` calls `make_dataset` with its
   # default normalize=True; the config has no key to turn it off), so a workdir's model is too.
   return EvalContext(config=config, method=method, model=model, extra=extra,
                      predict=method.predict_fns(model, extra), normalize=True)
 
 
-def load_context(checkpoint: str) -> EvalContext:
-  """'mfcc', an HF checkpoint directory or a jaxspeech workdir -> its EvalContext."""
+def load_context(checkpoint: str, label: str | None = None) -> EvalContext:
+  """'mfcc', an HF checkpoint directory or a jaxspeech workdir -> its EvalContext. Errors name
+  the source as `label` (default `--checkpoint CHECKPOINT`, as the CLIs take it): never a config
+  key the user did not set. An HF folder's errors name its files."""
+  label = label or f'--checkpoint {checkpoint}'
   if checkpoint == 'mfcc':
     return mfcc_context()
   if not os.path.isdir(checkpoint):
-    raise EvalError(f'--checkpoint {checkpoint}: no such directory (nor "mfcc")')
+    raise EvalError(f'{label}: no such directory (nor "mfcc")')
   if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):
-    return workdir_context(checkpoint)
+    return workdir_context(checkpoint, label)
   if os.path.exists(os.path.join(checkpoint, 'config.json')):
     from jaxspeech.interop import hf
 
     return encoder_context(hf.load_encoder(checkpoint), hf.feature_extractor_normalizes(checkpoint))
-  raise EvalError(f'--checkpoint {checkpoint}: neither a jaxspeech workdir (no checkpoints/) nor '
-                  'an HF checkpoint directory (no config.json)')
+  raise EvalError(f'{label}: neither a jaxspeech workdir (no checkpoints/) nor an HF checkpoint '
+                  'directory (no config.json)')
 
 
 def evaluate_ctc(checkpoint: str, manifest: str, split: str = '',

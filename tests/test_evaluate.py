@@ -1,6 +1,6 @@
 """`python -m jaxspeech.evaluate` on a small synthetic corpus: every task from the MFCC baseline,
 a jaxspeech DinoSR workdir (k-means and its own codebook units), a Spin workdir (its units) and an
-HF checkpoint directory, plus the error cases (exit code 1 with a message naming the problem)."""
+HF checkpoint directory, plus the error cases (exit code 2 with one line naming the problem)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def test_workdir_every_task_and_codebook(corpus, workdir, capsys):
   # Layer 0 (the transformer input) has no codebook.
   rc, _, err = run_cli(capsys, '--checkpoint', workdir, '--manifest', corpus, '--task', 'units',
                        '--layer', '0', '--codebook')
-  assert rc == 1 and 'no codebook' in err
+  assert rc == 2 and 'no codebook' in err
 
 
 def test_hf_checkpoint_dir(corpus, tmp_path, capsys):
@@ -165,7 +165,7 @@ def test_hf_checkpoint_dir(corpus, tmp_path, capsys):
   check_units(json.loads(out))
   rc, _, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'hf'), '--manifest', corpus,
                        '--task', 'units', '--codebook')
-  assert rc == 1 and 'codebook' in err
+  assert rc == 2 and 'codebook' in err
 
 
 def _gain_offset_gap(ctx, layer):
@@ -209,10 +209,10 @@ def test_workdir_input_normalised(workdir):
 def test_errors(corpus, tmp_path, capsys):
   rc, out, err = run_cli(capsys, '--checkpoint', str(tmp_path / 'nope'), '--manifest', corpus,
                          '--task', 'units')
-  assert rc == 1 and out == '' and 'no such directory' in err
+  assert rc == 2 and out == '' and 'no such directory' in err
   rc, _, err = run_cli(capsys, '--checkpoint', str(tmp_path), '--manifest', corpus,
                        '--task', 'units')
-  assert rc == 1 and 'neither' in err
+  assert rc == 2 and 'neither' in err
   # A manifest without alignments: fine for the speaker probe, an error for units and abx.
   rows = [json.loads(line) for line in open(corpus)]
   bare = tmp_path / 'bare.jsonl'
@@ -223,16 +223,39 @@ def test_errors(corpus, tmp_path, capsys):
       f.write(json.dumps(r) + '\n')
   for task in ('units', 'abx'):
     rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', str(bare), '--task', task)
-    assert rc == 1 and 'alignment' in err
+    assert rc == 2 and 'alignment' in err
   rc, out, _ = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', str(bare), '--task',
                        'speaker_probe')
   assert rc == 0 and 'accuracy' in json.loads(out)
   rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', str(tmp_path / 'x.jsonl'),
                        '--task', 'abx')
-  assert rc == 1 and 'no such file' in err
+  assert rc == 2 and 'no such file' in err
   rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', corpus, '--task', 'units',
                        '--split', 'nosuchsplit')
-  assert rc == 1 and 'nosuchsplit' in err
+  assert rc == 2 and 'nosuchsplit' in err
+
+
+def test_workdir_errors_name_the_checkpoint_given(corpus, workdir, tmp_path, capsys):
+  """A workdir that does not load is reported in one line naming `--checkpoint` as the user gave
+  it, never `config.init_from` (a key this command does not have); a shape mismatch lists the
+  mis-shaped parameters only, not also as missing."""
+  import shutil
+
+  bad = tmp_path / 'changed_model'
+  shutil.copytree(workdir, bad)
+  cfg = json.loads((bad / 'config.json').read_text())
+  cfg['model']['intermediate_size'] = 128  # the checkpoint has 64
+  (bad / 'config.json').write_text(json.dumps(cfg))
+  rc, out, err = run_cli(capsys, '--checkpoint', str(bad), '--manifest', corpus, '--task', 'units')
+  lines = [line for line in err.splitlines() if 'error:' in line]
+  assert rc == 2 and out == '' and len(lines) == 1 and 'Traceback' not in err, err
+  assert f'--checkpoint {bad}' in lines[0] and 'init_from' not in err
+  assert 'shape mismatch (6 of' in lines[0] and 'intermediate_dense' in lines[0]
+  assert 'missing' not in lines[0]
+  (bad / 'config.json').write_text('{"model": ')  # truncated
+  rc, _, err = run_cli(capsys, '--checkpoint', str(bad), '--manifest', corpus, '--task', 'units')
+  assert rc == 2 and 'not valid JSON' in err and str(bad / 'config.json') in err
+  assert 'Traceback' not in err
 
 
 def test_subprocess_entry_point(corpus):
@@ -251,7 +274,7 @@ def test_subprocess_entry_point(corpus):
   p = subprocess.run([sys.executable, '-m', 'jaxspeech.evaluate', '--checkpoint', '/no/such',
                       '--manifest', corpus, '--task', 'abx'], cwd=repo, env=env,
                      capture_output=True, text=True, timeout=300)
-  assert p.returncode == 1 and 'error:' in p.stderr
+  assert p.returncode == 2 and 'error:' in p.stderr
 
 
 
@@ -289,10 +312,10 @@ def test_units_fit_split(split_corpus, capsys):
   assert rc == 0 and json.loads(out.strip()) == pytest.approx(inductive)
   rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task',
                        'units', '--split', 'test', '--fit_split', 'nosuchsplit')
-  assert rc == 1 and "split='nosuchsplit'" in err
+  assert rc == 2 and "split='nosuchsplit'" in err
   rc, _, err = run_cli(capsys, '--checkpoint', 'mfcc', '--manifest', split_corpus, '--task', 'abx',
                        '--fit_split', 'train')
-  assert rc == 1 and '--fit_split' in err
+  assert rc == 2 and '--fit_split' in err
 
 
 @pytest.fixture(scope='module')
@@ -331,7 +354,7 @@ def test_spin_units(corpus, spin_workdir, capsys):
   # Spin's units come from its last layer only.
   rc, _, err = run_cli(capsys, '--checkpoint', spin_workdir, '--manifest', corpus, '--task',
                        'units', '--units', '--layer', '1')
-  assert rc == 1 and 'last layer' in err
+  assert rc == 2 and 'last layer' in err
 
 
 def test_dinosr_units_extract_equals_evaluate(corpus, workdir, tmp_path, capsys):
@@ -352,7 +375,7 @@ def test_dinosr_units_extract_equals_evaluate(corpus, workdir, tmp_path, capsys)
   assert json.loads(res) == units_lib.score_units(units, rows)
   # DinoSR's units need a target layer: all layers at once is an error.
   assert extract.main(['--checkpoint', workdir, '--audio', rows[0]['path'], '--units',
-                       '--out', str(tmp_path / 'all.npz')]) == 1
+                       '--out', str(tmp_path / 'all.npz')]) == 2
   assert 'no codebook' in capsys.readouterr().err
 
 

@@ -154,6 +154,21 @@ def test_bad_audio_fails_naming_the_file(ckpt, audio_files, tmp_path, kind):
     cwd=ROOT,
     timeout=300,
   )
-  assert proc.returncode != 0
-  assert str(bad) in proc.stderr
+  assert proc.returncode == 2  # a user error: one line, no traceback
+  assert "Traceback" not in proc.stderr
+  lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(lines) == 1 and str(bad) in lines[0]
   assert not (tmp_path / "x.npz").exists()
+
+
+def test_out_is_written_at_exactly_the_path_given_and_printed(ckpt, audio_files, tmp_path, capsys):
+  """`--out feats.bin` writes feats.bin (an .npz archive; numpy's savez would have written
+  feats.bin.npz) and prints that path."""
+  path, _ = ckpt
+  out = tmp_path / "feats.bin"
+  assert extract.main(["--checkpoint", str(path), "--audio", audio_files[0], "--layers", "-1",
+                       "--out", str(out)]) == 0
+  assert capsys.readouterr().out.strip().endswith(f"to {out}")
+  assert sorted(os.listdir(tmp_path)) == ["feats.bin"]
+  stem = os.path.splitext(os.path.basename(audio_files[0]))[0]
+  assert np.load(out).files == [f"{stem}/layer_2"]

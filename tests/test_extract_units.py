@@ -140,7 +140,7 @@ def test_units_need_a_codebook_model(spin_workdir, audio_files, tmp_path):
   hf.save_hf_checkpoint(extract.load_model(workdir), hf_dir)
   rc = extract.main(['--checkpoint', str(hf_dir), '--audio', audio_files[0], '--units',
                      '--out', str(tmp_path / 'u.npz')])
-  assert rc == 1 and not (tmp_path / 'u.npz').exists()
+  assert rc == 2 and not (tmp_path / 'u.npz').exists()  # a user error: exit 2
 
 
 def test_units_layer(spin_workdir, audio_files, tmp_path, capsys):
@@ -154,5 +154,5 @@ def test_units_layer(spin_workdir, audio_files, tmp_path, capsys):
   np.testing.assert_array_equal(np.load(out)['a'], np.load(tmp_path / 'default.npz')['a'])
   capsys.readouterr()
   assert extract.main(['--checkpoint', workdir, '--audio', audio_files[0], '--units', '--layers',
-                       '1', '--out', str(tmp_path / 'l1.npz')]) == 1
+                       '1', '--out', str(tmp_path / 'l1.npz')]) == 2
   assert 'last layer' in capsys.readouterr().err

@@ -45,14 +45,32 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
 
 
 class CheckpointError(UserError, ValueError):
-  """A checkpoint that does not match the encoder; the message lists the keys."""
+  """A checkpoint that does not match the encoder, or an unreadable one; the message names the
+  file and lists the keys."""
 
 
-def config_from_hf(d: dict) -> EncoderConfig:
-  """HF `config.json` dict -> EncoderConfig. Unsupported architecture options raise."""
+class UnsupportedCheckpointError(CheckpointError, NotImplementedError):
+  """A valid HF checkpoint with an architecture option jaxspeech does not implement."""
+
+
+SHOWN = 5  # keys listed per kind of mismatch (then "and N more")
+
+
+def _listed(keys: list[str]) -> str:
+  more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
+  return ", ".join(keys[:SHOWN]) + more
+
+
+def config_from_hf(d: dict, where: str = "config.json") -> EncoderConfig:
+  """HF `config.json` dict -> EncoderConfig (`where` names the file in errors). Unsupported
+  architecture options raise UnsupportedCheckpointError; a config that is no JSON object, lacks
+  `model_type` or has a field of the wrong type raises CheckpointError."""
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{where}: not an HF model config (a JSON object), got "
+                          f"{type(d).__name__}")
   mt = d.get("model_type")
   if mt not in ("wav2vec2", "hubert", "wavlm"):
-    raise CheckpointError(f"model_type {mt!r} is not a wav2vec2/hubert/wavlm checkpoint")
+    raise CheckpointError(f"{where}: model_type {mt!r} is not a wav2vec2/hubert/wavlm checkpoint")
   unsupported = {
     "add_adapter": False,
     "conv_pos_batch_norm": False,
@@ -60,19 +78,22 @@ def config_from_hf(d: dict) -> EncoderConfig:
   }
   for key, ok in unsupported.items():
     if ok is not None and d.get(key, ok) != ok:
-      raise NotImplementedError(f"config.json: {key}={d[key]!r} is not supported by jaxspeech")
+      raise UnsupportedCheckpointError(f"{where}: {key}={d[key]!r} is not supported by jaxspeech")
   if d.get("feat_extract_activation", "gelu") != "gelu":
-    raise NotImplementedError(
-      f"config.json: feat_extract_activation={d['feat_extract_activation']!r} (only gelu)"
+    raise UnsupportedCheckpointError(
+      f"{where}: feat_extract_activation={d['feat_extract_activation']!r} (only gelu)"
     )
   if d.get("position_embeddings_type") not in (None, "conv"):
-    raise NotImplementedError(
-      f"config.json: position_embeddings_type={d['position_embeddings_type']!r} (only conv)"
+    raise UnsupportedCheckpointError(
+      f"{where}: position_embeddings_type={d['position_embeddings_type']!r} (only conv)"
     )
   fields = {f for f in EncoderConfig.__dataclass_fields__ if f not in RUNTIME_FIELDS}
   kw = {k: d[k] for k in fields if k in d}
   kw["model_type"] = mt
-  return EncoderConfig(**kw)
+  try:
+    return EncoderConfig(**kw)
+  except (TypeError, ValueError) as e:  # e.g. "conv_dim": 5, "feat_extract_norm": "batch"
+    raise CheckpointError(f"{where}: {e}") from None
 
 
 def config_to_hf(cfg: EncoderConfig) -> dict:
@@ -185,14 +206,21 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if os.path.exists(st) or os.path.exists(idx):
     from safetensors.numpy import load_file
 
-    files = (
-      [st]
-      if os.path.exists(st)
-      else sorted({os.path.join(path, f) for f in json.load(open(idx))["weight_map"].values()})
-    )
+    if os.path.exists(st):
+      files = [st]
+    else:
+      index = _read_json(idx)
+      if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{idx}: no weight_map (not a safetensors index)")
+      files = sorted({os.path.join(path, f) for f in index["weight_map"].values()})
     sd = {}
     for f in files:
-      sd.update(load_file(f))
+      try:
+        sd.update(load_file(f))
+      except FileNotFoundError:
+        raise CheckpointError(f"{f}: no such file (named by {idx})") from None
+      except Exception as e:  # noqa: BLE001 -- safetensors' own errors: a damaged file
+        raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
   elif os.path.exists(pt):
     try:
       import torch
@@ -201,9 +229,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         f"{pt}: reading pytorch_model.bin needs torch "
         "(pip install jaxspeech[interop]); safetensors does not"
       ) from e
-    sd = {
-      k: v.float().numpy() for k, v in torch.load(pt, map_location="cpu", weights_only=True).items()
-    }
+    try:
+      loaded = torch.load(pt, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch's unpickling errors: a damaged file
+      raise CheckpointError(f"{pt}: not a readable PyTorch state dict ({e})") from None
+    sd = {k: v.float().numpy() for k, v in loaded.items()}
   else:
     raise CheckpointError(
       f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
@@ -229,10 +259,13 @@ def _flat_paths(tree, prefix=()) -> dict[str, object]:
 
 
 def convert_state_dict(
-  sd: dict[str, np.ndarray], cfg: EncoderConfig, ignore: str | None = TASK_HEADS
+  sd: dict[str, np.ndarray], cfg: EncoderConfig, ignore: str | None = TASK_HEADS,
+  where: str = "checkpoint",
 ) -> dict:
   """HF state dict -> nested pure dict for `nnx.replace_by_pure_dict` on a SpeechEncoder of
-  `cfg` (float32 numpy leaves; stacked by `stack_layers` when `cfg.scan_layers`)."""
+  `cfg` (float32 numpy leaves; stacked by `stack_layers` when `cfg.scan_layers`). A mismatch
+  raises one CheckpointError (`where` names the checkpoint) listing, separately, the tensors of
+  the wrong shape, the unknown keys and the parameters the checkpoint lacks."""
   loop_cfg = dataclasses.replace(cfg, scan_layers=False)  # HF keys are per layer
   ref = _flat_paths(
     nnx.to_pure_dict(
@@ -240,7 +273,7 @@ def convert_state_dict(
     )
   )
   ign = re.compile(ignore) if ignore else None
-  out, found, unknown, bad_shape = {}, set(), [], []
+  out, found, unknown, bad_shape = {}, set(), [], []  # found: present, of any shape
   for key, arr in sd.items():
     k = key
     for p in _PREFIXES:
@@ -260,21 +293,22 @@ def convert_state_dict(
     if path not in ref:
       unknown.append(key)
       continue
+    found.add(path)  # present: a wrong shape is a mismatch, not a missing parameter
     if tuple(ref[path].shape) != val.shape:
       bad_shape.append(f"{key}: {val.shape} vs expected {tuple(ref[path].shape)}")
       continue
     _set(out, path, val)
-    found.add(path)
   missing = sorted(p for p in ref if p not in found and p not in OPTIONAL)
   if unknown or missing or bad_shape:
     msg = []
-    if unknown:
-      msg.append(f"unknown keys ({len(unknown)}): {sorted(unknown)}")
-    if missing:
-      msg.append(f"missing parameters ({len(missing)}): {missing}")
     if bad_shape:
-      msg.append(f"shape mismatches: {bad_shape}")
-    raise CheckpointError("checkpoint does not match the encoder config; " + "; ".join(msg))
+      msg.append(f"shape mismatches ({len(bad_shape)}): {_listed(bad_shape)}")
+    if unknown:
+      msg.append(f"unknown keys ({len(unknown)}): {_listed(sorted(unknown))}")
+    if missing:
+      msg.append(f"missing parameters ({len(missing)}): {_listed(missing)}")
+    raise CheckpointError(f"{where}: the weights do not match the encoder config; "
+                          + "; ".join(msg))
   return stack_layers(out) if cfg.scan_layers else out
 
 
@@ -284,9 +318,23 @@ def load_hf_checkpoint(path: str | os.PathLike, ignore: str | None = TASK_HEADS)
   cfg_path = os.path.join(path, "config.json")
   if not os.path.exists(cfg_path):
     raise CheckpointError(f"{cfg_path}: no such file (not an HF checkpoint directory)")
-  with open(cfg_path) as f:
-    cfg = config_from_hf(json.load(f))
-  return cfg, convert_state_dict(read_state_dict(path), cfg, ignore=ignore)
+  cfg = config_from_hf(_read_json(cfg_path), where=cfg_path)
+  sd = read_state_dict(path)
+  try:
+    return cfg, convert_state_dict(sd, cfg, ignore=ignore, where=path)
+  except CheckpointError:
+    raise
+  except ValueError as e:  # the encoder of `cfg` cannot be built, e.g. 32 dims in 12 heads
+    raise CheckpointError(f"{cfg_path}: describes no valid encoder ({e})") from None
+
+
+def _read_json(path: str):
+  """A JSON file of a checkpoint; CheckpointError naming it when it is not JSON."""
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
 def feature_extractor_normalizes(path: str | os.PathLike) -> bool:
@@ -296,8 +344,10 @@ def feature_extractor_normalizes(path: str | os.PathLike) -> bool:
   pre = os.path.join(os.fspath(path), "preprocessor_config.json")
   if not os.path.exists(pre):
     return True
-  with open(pre) as f:
-    return bool(json.load(f).get("do_normalize", True))
+  d = _read_json(pre)
+  if not isinstance(d, dict):
+    raise CheckpointError(f"{pre}: not a preprocessor config (a JSON object)")
+  return bool(d.get("do_normalize", True))
 
 
 def load_encoder(path: str | os.PathLike, **config_overrides) -> SpeechEncoder:

@@ -11,7 +11,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxspeech.errors import UserError
+
 PyTree = Any
+SHOWN = 5  # keys listed per kind of mismatch (then "and N more")
+
+
+class ParamsMismatchError(UserError, ValueError):
+  """Parameters that do not fit the configured model (a checkpoint of another architecture)."""
+
+
+def _listed(keys: list[str]) -> str:
+  more = f' and {len(keys) - SHOWN} more' if len(keys) > SHOWN else ''
+  return ', '.join(keys[:SHOWN]) + more
 
 
 def flat_shapes(tree) -> dict[str, tuple]:
@@ -22,20 +34,23 @@ def flat_shapes(tree) -> dict[str, tuple]:
 
 
 def check_same_tree(want: PyTree, have: PyTree, what: str) -> None:
-  """Raises ValueError naming missing / unexpected / mis-shaped leaves of `have`."""
+  """Raises ParamsMismatchError (a ValueError) naming, in one line, the mis-shaped leaves of
+  `have` and, separately, the leaves it lacks (missing) or has in excess (unexpected); a leaf with
+  the wrong shape is only reported as such, never also as missing."""
   w, h = flat_shapes(want), flat_shapes(have)
   missing = sorted(set(w) - set(h))
   extra = sorted(set(h) - set(w))
   bad = sorted(k for k in set(w) & set(h) if w[k] != h[k])
   if missing or extra or bad:
-    msg = [f'{what}: parameters do not match the configured model.']
-    if missing:
-      msg.append(f'missing ({len(missing)}): {missing[:5]}')
-    if extra:
-      msg.append(f'unexpected ({len(extra)}): {extra[:5]}')
+    msg = [f'{what}: parameters do not match the configured model:']
     if bad:
-      msg.append('shape mismatch: ' + ', '.join(f'{k} want {w[k]} have {h[k]}' for k in bad[:5]))
-    raise ValueError(' '.join(msg))
+      msg.append(f'shape mismatch ({len(bad)} of {len(w)}): '
+                 + _listed([f'{k} want {w[k]} have {h[k]}' for k in bad]) + ';')
+    if missing:
+      msg.append(f'missing ({len(missing)}): {_listed(missing)};')
+    if extra:
+      msg.append(f'unexpected ({len(extra)}): {_listed(extra)};')
+    raise ParamsMismatchError(' '.join(msg).rstrip(';'))
 
 
 def subtree(params: PyTree, prefix: tuple[str, ...], what: str = 'params') -> PyTree:

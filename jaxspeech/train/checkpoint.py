@@ -19,9 +19,15 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from jaxspeech.errors import UserError
 from jaxspeech.models import params as params_lib
+from jaxspeech.train.workdir_contract import one_line_reason
 
 PyTree = Any
+
+
+class CheckpointFileError(UserError, ValueError):
+  """A checkpoint that cannot be read (damaged files, no parameters); names the source."""
 
 
 class Checkpointer:
@@ -88,15 +94,22 @@ def restore_params_from_workdir(workdir: str, abstract_state: PyTree,
                             'workdir with checkpoints, nor an HF checkpoint folder)')
   mngr = ocp.CheckpointManager(
     directory, item_names=('state', 'data'),
-    item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+    # Grain's handler named for 'data' (never restored here): Orbax warns about any item on disk
+    # it has no handler for, once per metadata read.
+    item_handlers={'state': ocp.PyTreeCheckpointHandler(),
+                   'data': grain.checkpoint.CheckpointHandler()})
   try:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'{label}: {directory} holds no checkpoint')
-    meta = mngr.item_metadata(step)['state']
+    try:
+      meta = mngr.item_metadata(step)['state']
+    except Exception as e:  # noqa: BLE001 -- Orbax/TensorStore raise many types for bad files
+      raise CheckpointFileError(f'{label}: checkpoint step {step} cannot be read '
+                                f'({one_line_reason(e)})') from e
     meta = getattr(meta, 'tree', meta)
     if not isinstance(meta, dict) or 'params' not in meta:
-      raise ValueError(f'{label}: checkpoint {step} has no params')
+      raise CheckpointFileError(f'{label}: checkpoint step {step} has no params')
     abstract_params = abstract_state['params']
     _check_same_tree(abstract_params, meta['params'], label)
     # Partial restore: only the 'params' subtree is read, into this run's shardings.
@@ -104,8 +117,12 @@ def restore_params_from_workdir(workdir: str, abstract_state: PyTree,
     restore_args = {'params': jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
       abstract_params)}
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True)))
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True)))
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointFileError(f'{label}: checkpoint step {step} cannot be restored '
+                                f'({one_line_reason(e)})') from e
   finally:
     mngr.close()
   return restored['state']['params'], step

@@ -137,6 +137,22 @@ def bind_host_state(config, method: Method, workdir: str, write: bool = True) ->
   return host_state
 
 
+def _collect_quietly() -> None:
+  """Garbage-collects with `sys.unraisablehook` silenced (never-awaited coroutines of a failed
+  Orbax restore would each print a traceback when collected)."""
+  import gc
+  import logging as logging_std
+  import sys
+
+  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  aio = logging_std.getLogger('asyncio')
+  disabled, aio.disabled = aio.disabled, True  # "Task exception was never retrieved"
+  try:
+    gc.collect()
+  finally:
+    sys.unraisablehook, aio.disabled = hook, disabled
+
+
 def _restore_latest_intact(config, setup: step_lib.TrainSetup,
                            checkpointer: ckpt_lib.Checkpointer, train_iter,
                            workdir: str) -> tuple[PyTree, int] | None:
@@ -159,6 +175,7 @@ def _restore_latest_intact(config, setup: step_lib.TrainSetup,
         raise contract.WorkdirError(
           f'{workdir}: checkpoint step {latest} cannot be restored ({reason}) and there is no '
           'older one; move it away to start from scratch') from e
+      _collect_quietly()  # Orbax's abandoned reads of the damaged files: no traceback noise
       moved = checkpointer.quarantine(latest, os.path.join(workdir, contract.CORRUPT))
       logging.warning('Checkpoint step %d cannot be restored (%s); moved to %s, falling back to '
                       'step %d', latest, reason, moved, older[-1])

@@ -62,7 +62,7 @@ def test_unknown_task_is_an_error_naming_it(manifest, capsys):
     registry.run_task(ctx, 'common')  # a module of jaxspeech/eval that is not a task
   rc = evaluate.main(['--checkpoint', 'mfcc', '--manifest', manifest, '--task', 'nosuchtask'])
   _, err = capsys.readouterr()
-  assert rc == 1 and 'nosuchtask' in err
+  assert rc == 2 and 'nosuchtask' in err  # a user error: one line, exit 2
   # A task the model cannot do names the missing prediction.
   with pytest.raises(EvalError, match="no 'logits' prediction"):
     registry.run_task(ctx, 'ctc', manifest=manifest)
@@ -90,7 +90,7 @@ def test_registry_equals_cli_and_the_runs_own_manifest(manifest, capsys):
   rc = evaluate.main(['--checkpoint', 'mfcc', '--manifest', manifest, '--task', 'speaker_probe',
                       '--k', '6'])
   _, err = capsys.readouterr()
-  assert rc == 1 and '--k does not apply to --task speaker_probe' in err
+  assert rc == 2 and '--k does not apply to --task speaker_probe' in err
 
 
 def test_due_every_last_step_and_never():

@@ -5,6 +5,7 @@ initial ones."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -199,6 +200,145 @@ def test_runner_exports_exact_sparsity_and_the_right_mask(tmp_path, method, s):
     start = prune_runner.restore_params(os.path.join(workdir, 'phases', 'round1_init'), config)
     for (name, x), (_, x0) in zip(_prunable(start), _prunable(theta_init)):
       np.testing.assert_array_equal(x, np.where(masks[name], x0, 0.0), err_msg=name)
+    _rerun_checks_the_recorded_phases(prune_runner, config, workdir)
+
+
+def _files(root):
+  """{relative path: (size, mtime_ns)} of every file under `root`."""
+  out = {}
+  for d, _, names in os.walk(root):
+    for n in names:
+      st = os.stat(os.path.join(d, n))
+      out[os.path.relpath(os.path.join(d, n), root)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+def _rerun_checks_the_recorded_phases(prune_runner, config, workdir):
+  """Issue 22 case 5, on the finished OMP workdir: a re-run with a new sparsity stops with one
+  error naming the phase and the key, every file as it was; the same config resumes (nothing
+  re-trained, the report unchanged)."""
+  before = _files(workdir)
+  with open(os.path.join(workdir, 'prune_phases.json')) as f:
+    phases_json = json.load(f)
+  other = copy.deepcopy(config)
+  other.prune.sparsity = 0.9
+  with pytest.raises(prune_runner.PhaseConfigError) as e:
+    prune_runner.run(other, workdir)
+  msg = str(e.value)
+  assert msg.startswith(os.path.join(workdir, 'phases', 'round1_init') + ':'), msg
+  assert 'prune.sparsity: 0.7 -> 0.9' in msg and 'new --workdir' in msg and '\n' not in msg
+  assert _files(workdir) == before
+  out = prune_runner.run(config, workdir)  # identical: every phase is finished, none re-run
+  after = _files(workdir)
+  assert {k: v for k, v in after.items() if k not in ('sparsity.json', 'prune_phases.json')} == {
+    k: v for k, v in before.items() if k not in ('sparsity.json', 'prune_phases.json')}
+  with open(os.path.join(workdir, 'prune_phases.json')) as f:
+    assert json.load(f) == phases_json
+  assert all(abs(z - 0.7) <= TOL for z in out['sparsity'].values())
+
+
+def _fake_finished(prune_runner, config, workdir):
+  """The records and (empty) checkpoint steps of every phase of a finished run, no training."""
+  phases = prune_runner.plan(config, workdir)
+  for ph in phases:
+    prune_runner.write_record(ph, workdir)
+    os.makedirs(os.path.join(ph.workdir, 'checkpoints', '3'))
+  return phases
+
+
+def test_rerun_with_another_config_is_refused_before_any_work(tmp_path):
+  """Issue 22 case 5 without training: each phase's record against the requested config. The
+  first phase whose recorded config differs is named with its keys; the check runs before any
+  phase starts, so nothing on disk changes."""
+  from jaxspeech import prune as prune_runner
+
+  config = small_ctc_config('parp', **{
+    'train.num_steps': 3, 'train.checkpoint_every': 3, 'prune.method': 'imp',
+    'prune.sparsity': 0.75, 'prune.imp_rounds': 2})
+  workdir = str(tmp_path / 'imp')
+  phases = _fake_finished(prune_runner, config, workdir)
+  assert [os.path.relpath(p.workdir, workdir) for p in phases] == [
+    'phases/init', 'phases/dense', 'phases/round1_init', 'phases/round1', 'phases/round2_init',
+    '.']
+  assert [p.sparsity for p in phases] == pytest.approx([0, 0, 0.5, 0.5, 0.75, 0.75])
+  prune_runner.check_phases(prune_runner.plan(config, workdir))  # the same config: resumes
+  # Keys that cannot change the weights are not compared.
+  cadence = copy.deepcopy(config)
+  cadence.train.log_every = 1
+  cadence.train.checkpoint_every = 1
+  prune_runner.check_phases(prune_runner.plan(cadence, workdir))
+  before = _files(workdir)
+
+  def refused(where, *changes, **overrides):
+    c = copy.deepcopy(config)
+    for key, value in overrides.items():
+      group, leaf = key.split('__')
+      c[group][leaf] = value
+    with pytest.raises(prune_runner.PhaseConfigError) as e:
+      prune_runner.run(c, workdir)
+    msg = str(e.value)
+    assert msg.startswith(os.path.join(workdir, where) + ':'), msg
+    for change in changes:
+      assert change in msg, msg
+    assert _files(workdir) == before
+    return msg
+
+  # A new target: the dense phase is the same, round 1's mask is not (s_1 = 1 - 0.1^(1/2)).
+  refused('phases/round1_init', 'prune.sparsity: 0.5 -> 0.683', prune__sparsity=0.9)
+  # More steps: the dense phase already differs.
+  refused('phases/dense', 'train.num_steps: 3 -> 6', train__num_steps=6)
+  refused('phases/round1_init', 'prune.rewind: true -> false', prune__rewind=False)
+  refused('phases/init', 'train.seed: 0 -> 1', train__seed=1)
+  refused('phases/dense', 'optim.learning_rate', optim__learning_rate=1e-2)
+  # OMP at the same sparsity: round 1 of 1 is the final run, its start differs.
+  msg = refused('phases/round1_init', 'prune.sparsity: 0.5 -> 0.75', prune__method='omp')
+  assert 'new --workdir' in msg
+  # A phase without a checkpoint has done nothing: its record may change.
+  os.rmdir(os.path.join(workdir, 'phases', 'round2_init', 'checkpoints', '3'))
+  os.rmdir(os.path.join(workdir, 'checkpoints', '3'))
+  prune_runner.check_phases(prune_runner.plan(config, workdir))
+
+
+def test_rerun_of_a_workdir_without_records_is_refused(tmp_path):
+  """A phase with checkpoints but no record (another kind of run, an older runner): its config
+  cannot be checked, so the runner does not reuse it."""
+  from jaxspeech import prune as prune_runner
+
+  config = small_ctc_config('parp', **{'prune.method': 'mpi', 'prune.sparsity': 0.5})
+  workdir = tmp_path / 'run'
+  (workdir / 'checkpoints' / '30').mkdir(parents=True)
+  with pytest.raises(prune_runner.PhaseConfigError, match='holds checkpoints but no '
+                     'prune_phase.json'):
+    prune_runner.run(config, str(workdir))
+  assert not (workdir / 'phases').exists()
+
+
+def test_prune_cli_refusal_is_one_line_exit_2(tmp_path):
+  """`python -m jaxspeech.prune` on a workdir whose final phase ran at 0.5: asked for 0.7, one
+  line and exit 2, no file changed."""
+  import subprocess
+  import sys
+
+  from experiments import parp
+  from jaxspeech import prune as prune_runner
+
+  config = parp.get_config('tiny')
+  config.prune.method = 'mpi'
+  workdir = str(tmp_path / 'mpi')
+  _fake_finished(prune_runner, config, workdir)
+  before = _files(workdir)
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  p = subprocess.run([sys.executable, '-m', 'jaxspeech.prune', '--config',
+                      'experiments/parp.py:tiny', '--workdir', workdir,
+                      '--config.prune.method=mpi', '--config.prune.sparsity=0.7'],
+                     cwd=root, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True,
+                     text=True, timeout=120)
+  assert p.returncode == 2, p.stderr[-3000:]
+  assert 'Traceback' not in p.stderr
+  lines = [line for line in p.stderr.splitlines() if 'error:' in line]
+  assert len(lines) == 1 and lines[0].startswith(f'python -m jaxspeech.prune: error: {workdir}:')
+  assert 'prune.sparsity: 0.5 -> 0.7' in lines[0]
+  assert _files(workdir) == before
 
 
 @pytest.mark.slow
