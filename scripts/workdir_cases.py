@@ -52,10 +52,11 @@ def _the_line(out: str, err: str) -> str:
   errs = [ln for ln in lines if ': error: ' in ln]
   if errs:
     return errs[-1]
-  keep = [ln for ln in lines if not ln.startswith(('I1', 'W1', 'INFO:', 'WARNING:absl:Item'))]
-  for ln in reversed(keep):
-    if 'nothing to do' in ln or 'falling back' in ln or 'wrote' in ln.lower():
-      return ln.split('] ', 1)[-1]
+  for key in ('nothing to do', 'falling back', 'Resuming from', 'wrote ', ' ETA '):
+    hits = [ln for ln in lines if key in ln]
+    if hits:
+      return hits[-1].split('] ', 1)[-1]
+  keep = [ln for ln in lines if not ln.startswith(('I1', 'W1', 'INFO:'))]
   return keep[-1].split('] ', 1)[-1] if keep else ''
 
 
@@ -118,9 +119,8 @@ def main(argv=None):
 
   # 2. A changed config on a workdir with checkpoints; and a changed learning rate.
   b = digest(w1)
-  rc, line = run(main_cmd(w1, '--config.model.hidden_size=64',
-                          '--config.model.intermediate_size=128'))
-  case(2, 're-run with another model', 'main --config.model.hidden_size=64 ...', rc, line,
+  rc, line = run(main_cmd(w1, '--config.model.num_hidden_layers=3'))
+  case(2, 're-run with another model', 'main --config.model.num_hidden_layers=3 (was 2)', rc, line,
        changed(b, digest(w1)))
   rc, line = run(main_cmd(w1, '--config.optim.learning_rate=0.01'))
   case(2, 're-run with another learning rate', 'main --config.optim.learning_rate=0.01', rc,
@@ -186,8 +186,7 @@ def main(argv=None):
     fault()
     rc, line = run(main_cmd(w, *data_flags))
     case(num, what, 'main --config.data.manifest=m.jsonl', rc, line,
-         'no workdir files' if not os.path.exists(os.path.join(w, 'config.json')) else
-         'config.json written')
+         'no workdir left' if not os.path.exists(w) else f'workdir holds {os.listdir(w)}')
     restore()
 
   victim = os.path.join(audio, 'spk1', 'utt3.wav')
@@ -247,16 +246,18 @@ def main(argv=None):
       ('workdir that is a file', main_cmd(man)),
   ]:
     open(os.path.join(tmp, 'empty.jsonl'), 'w').close()
+    if os.path.isdir(w11):
+      shutil.rmtree(w11)
     rc, line = run(cmd)
     case(11, what, ' '.join(c for c in cmd[3:] if c.startswith(('--config.train.num_stepz',
                                                                '--config.data.manifest'))) or
          'main --workdir m.jsonl', rc, line,
-         'none' if not os.path.exists(w11) or not os.listdir(w11) else 'workdir written')
+         'no workdir left' if not os.path.exists(w11) else f'workdir holds {os.listdir(w11)}')
 
   # 12. evaluate --k 0; manifest --out a folder.
   rc, line = run([PY, '-m', 'jaxspeech.evaluate', '--checkpoint', 'mfcc', '--manifest', man,
-                  '--task', 'pnmi', '--k', '0'])
-  case(12, 'evaluate --k 0', 'evaluate --task pnmi --k 0', rc, line, '-')
+                  '--task', 'units', '--k', '0'])
+  case(12, 'evaluate --k 0', 'evaluate --task units --k 0', rc, line, '-')
   outdir = os.path.join(tmp, 'outdir')
   os.makedirs(outdir)
   rc, line = run([PY, '-m', 'data_pipelines.manifest', '--root', audio, '--layout', 'folder',
@@ -275,16 +276,16 @@ def main(argv=None):
   with open(os.path.join(hf, 'config.json'), 'w') as f:
     f.write('{not json')
   rc, line = run([PY, '-m', 'jaxspeech.evaluate', '--checkpoint', hf, '--manifest', man,
-                  '--task', 'pnmi'])
+                  '--task', 'units'])
   case(13, 'HF folder with a garbage config.json', 'evaluate --checkpoint HF', rc, line, '-')
   w13 = os.path.join(tmp, 'w13')
   os.makedirs(os.path.join(w13, 'checkpoints'))
   shutil.copy(os.path.join(w4, 'config.json'), w13)
   rc, line = run([PY, '-m', 'jaxspeech.evaluate', '--checkpoint', w13, '--manifest', man,
-                  '--task', 'pnmi'])
+                  '--task', 'units'])
   case(13, 'workdir with no checkpoint', 'evaluate --checkpoint W', rc, line, '-')
-  p = subprocess.run([PY, '-m', 'jaxspeech.evaluate', '--checkpoint', w4, '--manifest', man,
-                      '--task', 'pnmi', '--k', '5'], capture_output=True, text=True, cwd=REPO,
+  p = subprocess.run([PY, '-m', 'jaxspeech.evaluate', '--checkpoint', w4,
+                      '--task', 'units', '--k', '5'], capture_output=True, text=True, cwd=REPO,
                      env=env())
   n_warn = (p.stdout + p.stderr).count('could not be restored')
   case(13, 'Orbax "Item data could not be restored" warnings on a workdir load',

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxspeech import errors
 from jaxspeech.errors import ConfigError
 from jaxspeech.eval import registry as eval_registry
 from jaxspeech.methods.base import Method, Pretrained, get_method
@@ -137,20 +138,40 @@ def bind_host_state(config, method: Method, workdir: str, write: bool = True) ->
   return host_state
 
 
-def _collect_quietly() -> None:
-  """Garbage-collects with `sys.unraisablehook` silenced (never-awaited coroutines of a failed
-  Orbax restore would each print a traceback when collected)."""
-  import gc
+_ORBAX_READ_ERROR = 'Encountered error while reading array index'
+
+
+def _silence_abandoned_reads() -> None:
+  """When a checkpoint fails to restore, Orbax's other reads of the damaged files finish as
+  never-awaited coroutines, unretrieved asyncio futures and callbacks into a closed event loop,
+  each printing a traceback (some with a 60-line TensorStore spec). The failure is reported in
+  one line; these filters drop only reports of that signature (idempotent)."""
   import logging as logging_std
   import sys
 
-  hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None
+  def abandoned(exc) -> bool:
+    if exc is None:
+      return False
+    text = f'{exc} {exc.__cause__ or ""}'
+    return (isinstance(exc, GeneratorExit) or _ORBAX_READ_ERROR in text
+            or 'Event loop is closed' in text or ('OUT_OF_RANGE' in text and 'OCDBT' in text))
+
+  hook = sys.unraisablehook
+  if not getattr(hook, '_jaxspeech_quiet', False):
+    def quiet_hook(unraisable, _prev=hook):
+      if not abandoned(unraisable.exc_value):
+        _prev(unraisable)
+    quiet_hook._jaxspeech_quiet = True
+    sys.unraisablehook = quiet_hook
   aio = logging_std.getLogger('asyncio')
-  disabled, aio.disabled = aio.disabled, True  # "Task exception was never retrieved"
-  try:
-    gc.collect()
-  finally:
-    sys.unraisablehook, aio.disabled = hook, disabled
+  if not any(getattr(f, '_jaxspeech_quiet', False) for f in aio.filters):
+    class _Quiet(logging_std.Filter):
+      _jaxspeech_quiet = True
+
+      def filter(self, record):
+        return 'exception was never retrieved' not in record.getMessage() and not abandoned(
+          record.exc_info[1] if record.exc_info else None)
+    aio.addFilter(_Quiet())
 
 
 def _restore_latest_intact(config, setup: step_lib.TrainSetup,
@@ -160,6 +181,8 @@ def _restore_latest_intact(config, setup: step_lib.TrainSetup,
   `config.train.allow_fallback` it is moved to WORKDIR/corrupt_checkpoints/ and the next older
   step is tried, without it the run stops (WorkdirError). None when there is no checkpoint."""
   allow = bool(config.train.get('allow_fallback', True))
+  if checkpointer.latest_step() is not None:
+    _silence_abandoned_reads()  # armed before the attempt: the stragglers print right away
   while (latest := checkpointer.latest_step()) is not None:
     try:
       state = checkpointer.restore(latest, setup.abstract_state, train_iter)
@@ -175,7 +198,6 @@ def _restore_latest_intact(config, setup: step_lib.TrainSetup,
         raise contract.WorkdirError(
           f'{workdir}: checkpoint step {latest} cannot be restored ({reason}) and there is no '
           'older one; move it away to start from scratch') from e
-      _collect_quietly()  # Orbax's abandoned reads of the damaged files: no traceback noise
       moved = checkpointer.quarantine(latest, os.path.join(workdir, contract.CORRUPT))
       logging.warning('Checkpoint step %d cannot be restored (%s); moved to %s, falling back to '
                       'step %d', latest, reason, moved, older[-1])
@@ -231,12 +253,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   (`jaxspeech/train/workdir_contract.py`: one run at a time, an immutable config, every step
   logged once, the last step checkpointed). Returns the last logged metrics (window averages)
   and evaluation results."""
+  existed = os.path.isdir(os.path.abspath(workdir))
   workdir = contract.prepare(workdir)
   contract.check_config(workdir, config)  # a refused config leaves even the lock file as it was
   is_main = jax.process_index() == 0
   lock = contract.WorkdirLock(workdir).acquire() if is_main else None
   try:
     return _train_and_evaluate(config, workdir, is_main)
+  except BaseException as e:
+    if not errors.is_user_error(e):
+      raise
+    if lock is not None:
+      lock.release()
+      lock = None
+      if not existed:  # refused before it wrote anything: leave no empty workdir behind
+        contract.remove_if_only_lock(workdir)
+    raise
   finally:
     if lock is not None:
       lock.release()

@@ -75,6 +75,16 @@ def prepare(workdir: str) -> str:
   return workdir
 
 
+def remove_if_only_lock(workdir: str) -> bool:
+  """Removes a workdir this run created and refused before writing anything but its lock."""
+  if os.path.isdir(workdir) and set(os.listdir(workdir)) <= {LOCK}:
+    for name in os.listdir(workdir):
+      os.remove(os.path.join(workdir, name))
+    os.rmdir(workdir)
+    return True
+  return False
+
+
 def checkpoint_steps(workdir: str) -> list[int]:
   """Committed Orbax steps in WORKDIR/checkpoints (folders named by an integer; Orbax's
   temporary folders of an unfinished save are named otherwise), ascending."""
