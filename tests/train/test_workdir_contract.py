@@ -184,3 +184,27 @@ def test_workdir_contract_end_to_end(tmp_path):
   assert [r['step'] for r in rows] == [1, 2, 3, 4, 6, 8]  # each once (log_every 2 after step 4)
   events = [json.loads(x)['event'] for x in open(os.path.join(wd, 'history.jsonl'))]
   assert events == ['start', 'start', 'fallback', 'start']
+
+
+@pytest.mark.parametrize('flags, expect', [
+  (['--config.train.num_stepz=3'],
+   "--config.train.num_stepz: the config has no field 'num_stepz' (did you mean 'num_steps'?)"),
+  (['--config.data.manifest=/nonexistent/m.jsonl'], "/nonexistent/m.jsonl"),
+  ('WORKDIR_IS_A_FILE', 'is a file, not a folder'),
+])
+def test_main_reports_user_errors_in_one_line(tmp_path, flags, expect):
+  workdir = tmp_path / 'run'
+  if flags == 'WORKDIR_IS_A_FILE':
+    workdir.write_text('x')
+    flags = []
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  p = subprocess.run([sys.executable, '-m', 'jaxspeech.main', '--config',
+                      'experiments/hubert.py:tiny', '--workdir', str(workdir), *flags],
+                     capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+  assert p.returncode == 2, p.stderr[-3000:]
+  errors = [ln for ln in p.stderr.splitlines() if 'error' in ln.lower()]
+  assert len(errors) == 1 and errors[0].startswith('jaxspeech.main: error: '), p.stderr[-3000:]
+  assert expect in errors[0]
+  assert 'Traceback' not in p.stderr
+  assert workdir.is_file() or not workdir.exists()  # nothing left behind
