@@ -49,6 +49,19 @@ def one_line(e: BaseException) -> str:
   return ' '.join(msg.split())
 
 
+def one_line_reason(e: BaseException) -> str:
+  """`Type: first line of the message` of the innermost cause of an exception (Orbax wraps the
+  TensorStore error that names the bad file; both run to dozens of lines), at most 200
+  characters."""
+  seen = set()
+  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), '')
+  text = f'{type(e).__name__}: {first}' if first else type(e).__name__
+  return text if len(text) <= 200 else text[:197] + '...'
+
+
 def run_cli(main: Callable[..., Any], *args, prog: str | None = None, **kwargs) -> int:
   """`main(*args, **kwargs)`; a user error prints `PROG: error: <one line>` to stderr and returns
   2, anything else propagates (a bug: traceback). Returns main's result when it is an int, else

@@ -12,22 +12,11 @@ import os
 
 import jax
 
+from jaxspeech.errors import one_line_reason
 from jaxspeech.eval.asr import ctc_error_rates
 from jaxspeech.eval.common import encoder_context, mfcc_context
 from jaxspeech.eval.registry import EvalContext, EvalError
 from jaxspeech.train.checkpoint import load_workdir_model
-
-
-def _root_cause(e: BaseException) -> str:
-  """`Type: first line` of the innermost cause (Orbax wraps the TensorStore error that names the
-  damaged file; both run to dozens of lines), at most 200 characters."""
-  seen = set()
-  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  first = next((line.strip() for line in str(e).splitlines() if line.strip()), '')
-  text = f'{type(e).__name__}: {first}' if first else type(e).__name__
-  return text if len(text) <= 200 else text[:197] + '...'
 
 
 def restore_extra(workdir: str, abstract_state, label: str | None = None):
@@ -57,7 +46,7 @@ def restore_extra(workdir: str, abstract_state, label: str | None = None):
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding) if hasattr(a, 'sharding')
         else ocp.RestoreArgs(), target))))
   except Exception as e:  # noqa: BLE001 -- Orbax / TensorStore errors of a damaged checkpoint
-    raise EvalError(f'{label}: checkpoint {step} cannot be read ({_root_cause(e)})') from e
+    raise EvalError(f'{label}: checkpoint {step} cannot be read ({one_line_reason(e)})') from e
   finally:
     mngr.close()
   return restored['state']['extra']

@@ -19,9 +19,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jaxspeech.errors import UserError
+from jaxspeech.errors import UserError, one_line_reason
 from jaxspeech.models import params as params_lib
-from jaxspeech.train.workdir_contract import one_line_reason
 
 PyTree = Any
 

@@ -35,7 +35,7 @@ import socket
 import time
 from typing import Any
 
-from jaxspeech.errors import UserError
+from jaxspeech.errors import UserError, one_line_reason  # noqa: F401 -- re-exported
 
 CONFIG = 'config.json'
 HISTORY = 'history.jsonl'
@@ -244,19 +244,6 @@ def record_start(workdir: str, config, start_step: int, changed: dict) -> None:
 def append_history(workdir: str, row: dict) -> None:
   with open(os.path.join(workdir, HISTORY), 'a') as f:
     f.write(json.dumps(row) + '\n')
-
-
-def one_line_reason(e: BaseException) -> str:
-  """`Type: first line of the message` of the root cause of an exception (Orbax wraps the
-  TensorStore error that names the bad file; both run to dozens of lines), at most 200
-  characters."""
-  seen = set()
-  while (e.__cause__ or e.__context__) is not None and id(e) not in seen:
-    seen.add(id(e))
-    e = e.__cause__ or e.__context__
-  first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), '')
-  text = f'{type(e).__name__}: {first}' if first else type(e).__name__
-  return text if len(text) <= 200 else text[:197] + '...'
 
 
 def _now() -> str:
