@@ -27,7 +27,10 @@ keeps the former order (all cells of a pair equally weighted, then pairs).
 
 Evaluation task `abx` (`run`, `jaxspeech.eval.registry`): the ABX error of layer L's features
 (`Method.predict_fns` 'features') on the phone segments in context (triphones) of the rows'
-alignments, DTW on angular distance, at most 5 items per cell: {"abx_within", "abx_across"}.
+alignments, DTW on angular distance, ZeroSpeech 2021's subsampling (at most 10 A, B and X items per
+cell, 5 X speakers across; `max_size_group`, `max_x_across`): {"abx_within", "abx_across"}.
+Without subsampling the scores equal fastabx's cell-by-cell scores to 1e-6 points
+(tests/parity/test_abx_fastabx.py; reference outputs from scripts/abx_fastabx_reference.py).
 
     config.evals.abx = {task: 'abx', split: 'test', layer: 'last'}
     python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task abx --layer L
@@ -213,6 +216,8 @@ def abx_error(
   max_items_per_cell: int | None = None,
   seed: int = 0,
   averaging: str = "libri-light",
+  max_size_group: int | None = None,
+  max_x_across: int | None = None,
 ) -> dict[str, float]:
   """ABX error rates (percent) within and across speakers.
 
@@ -223,10 +228,15 @@ def abx_error(
       (see ``frame_distances``).
     max_frames: truncate items longer than this (bounds the DTW size).
     batch_size: item pairs per DTW call (fixed shape: one compilation).
-    max_items_per_cell: keep at most this many random items per (context, speaker, label) cell
-      (bounds the quadratic number of pairs on large corpora); ``seed`` picks them. Unlike
-      libri-light (which redraws at most ``max_size_group`` items per triplet group and at most 5
-      X speakers across), the draw is made once and every other speaker serves as X.
+    max_size_group: ZeroSpeech 2021's item subsampling (libri-light ``--max_size_group``, 10
+      there): every cell keeps at most this many random A, B and X items, drawn independently per
+      cell (in a within-speaker cell A and X are the same draw, as there).
+    max_x_across: ZeroSpeech 2021's ``--max_x_across`` (5 there): across speakers, each (context,
+      speaker of A and B, a, b) keeps at most this many random X speakers.
+    max_items_per_cell: the former subsampling (an option): at most this many random items per
+      (context, speaker, label), drawn once for all cells, every other speaker serving as X.
+    seed: seeds the draws of the three options above. The draws are numpy's, so they are the same
+      caps as ZeroSpeech's but not the same random items as libri-light or fastabx.
     averaging: ``"libri-light"`` (contexts, then speakers, then pairs; see the module docstring)
       or ``"pair_cells"`` (the former order: every cell of a pair equally, then pairs).
 
@@ -236,24 +246,48 @@ def abx_error(
   """
   if averaging not in ("libri-light", "pair_cells"):
     raise ValueError(f"averaging must be 'libri-light' or 'pair_cells', got {averaging!r}")
+  for name, v in (("max_size_group", max_size_group), ("max_x_across", max_x_across),
+                  ("max_items_per_cell", max_items_per_cell)):
+    if v is not None and v < 1:
+      raise ValueError(f"{name} must be None or >= 1, got {v}")
   n_items = len(features)
   if not (len(labels) == len(contexts) == len(speakers) == n_items):
     raise ValueError("features, labels, contexts and speakers must have the same length")
+  rng = np.random.default_rng(seed)
   cells: dict = defaultdict(list)  # (context, speaker, label) -> item indices
   for k, key in enumerate(zip(contexts, speakers, labels)):
     cells[key].append(k)
   if max_items_per_cell is not None:
-    rng = np.random.default_rng(seed)
     cells = {key: sorted(rng.permutation(idx)[:max_items_per_cell].tolist()) if
              len(idx) > max_items_per_cell else idx for key, idx in cells.items()}
-  by_context: dict = defaultdict(list)
-  for (c, _, _), idx in cells.items():
-    by_context[c].extend(idx)
+  groups: dict = defaultdict(dict)  # context -> speaker -> label -> indices (ascending)
+  for (c, s, y), idx in cells.items():
+    groups[c].setdefault(s, {})[y] = np.array(idx)
 
-  # DTW distances for every pair of items sharing a context (all triplets live in one context);
+  def cap(idx, n):  # at most n random items, kept in ascending order (the DTW row convention)
+    return idx if n is None or len(idx) <= n else np.sort(rng.choice(idx, n, replace=False))
+
+  # Triplet cells first (with their draws), then the DTW distances of just the pairs they use.
+  within_cells, across_cells = [], []  # (key, A, B, X)
+  for c, spk in groups.items():
+    for s, lab in spk.items():
+      for a, b in itertools.permutations(lab, 2):
+        ia = cap(lab[a], max_size_group)
+        if len(ia) >= 2:
+          within_cells.append(((c, s, None, a, b), ia, cap(lab[b], max_size_group), ia))
+        xs = [s2 for s2, lab2 in spk.items() if s2 != s and a in lab2]
+        if max_x_across is not None and len(xs) > max_x_across:
+          xs = [xs[k] for k in np.sort(rng.choice(len(xs), max_x_across, replace=False))]
+        for s2 in xs:
+          across_cells.append(((c, s, s2, a, b), cap(lab[a], max_size_group),
+                               cap(lab[b], max_size_group), cap(spk[s2][a], max_size_group)))
+  need = set()
+  for _, ia, ib, ix in within_cells + across_cells:
+    for iy in (ia, ib):
+      need.update((min(p, q), max(p, q)) for p in ix.tolist() for q in iy.tolist() if p != q)
+  pairs = np.array(sorted(need), dtype=np.int64).reshape(-1, 2)
+
   # dist[r, c]: the frames of item r are the DTW rows (libri-light puts X's there).
-  pairs = np.array([p for idx in by_context.values() for p in itertools.combinations(idx, 2)],
-                   dtype=np.int64).reshape(-1, 2)
   padded, lengths = pad_items(features, max_frames)
   dist = np.full((n_items, n_items), np.nan)
   if len(pairs):
@@ -262,30 +296,18 @@ def abx_error(
     dist[pairs[:, 1], pairs[:, 0]] = d[:, 1]
   np.fill_diagonal(dist, 0.0)
 
-  groups: dict = defaultdict(dict)  # context -> speaker -> label -> indices (ascending)
-  for (c, s, y), idx in cells.items():
-    groups[c].setdefault(s, {})[y] = np.array(idx)
-
   def x_rows(ix, iy):  # [len(iy), len(ix)]: d(Y, X) with X's frames as the DTW rows
     return dist[np.ix_(ix, iy)].T
 
   within, across = {}, {}  # (context, speaker, speaker of X, a, b) -> error
-  for c, spk in groups.items():
-    for s, lab in spk.items():
-      for a, b in itertools.permutations(lab, 2):
-        ia, ib = lab[a], lab[b]
-        if len(ia) >= 2:
-          # A and X of one cell: the earlier item's frames are the rows (libri-light's symmetric
-          # computation of d(A, X) within a group).
-          blk = dist[np.ix_(ia, ia)]
-          upper = np.arange(len(ia))[:, None] <= np.arange(len(ia))[None, :]
-          d_ax = np.where(upper, blk, blk.T)
-          within[(c, s, None, a, b)] = _triplet_error(d_ax, x_rows(ia, ib), True)
-        for s2, lab2 in spk.items():
-          if s2 == s or a not in lab2:
-            continue
-          ix = lab2[a]
-          across[(c, s, s2, a, b)] = _triplet_error(x_rows(ix, ia), x_rows(ix, ib), False)
+  for key, ia, ib, _ in within_cells:
+    # A and X of one cell: the earlier item's frames are the rows (libri-light's symmetric
+    # computation of d(A, X) within a group).
+    blk = dist[np.ix_(ia, ia)]
+    upper = np.arange(len(ia))[:, None] <= np.arange(len(ia))[None, :]
+    within[key] = _triplet_error(np.where(upper, blk, blk.T), x_rows(ia, ib), True)
+  for key, ia, ib, ix in across_cells:
+    across[key] = _triplet_error(x_rows(ix, ia), x_rows(ix, ib), False)
 
   return {
     "abx_within": _average(within, averaging),
@@ -308,10 +330,12 @@ def phone_segments(frame_labels: Sequence[Hashable]) -> list[tuple[int, int, Has
           for k, (s, e, y) in enumerate(runs) if 0 < k < len(runs) - 1]
 
 
-def evaluate_abx(ctx, wavs, rows, layer: int, max_items_per_cell: int = 5,
+def evaluate_abx(ctx, wavs, rows, layer: int, max_size_group: int | None = 10,
+                 max_x_across: int | None = 5, max_items_per_cell: int | None = None,
                  seed: int = 0) -> dict[str, float]:
   """ABX error of layer `layer`'s features of the utterances `wavs` of `rows` (with alignments
-  and speakers): {"abx_within", "abx_across"}."""
+  and speakers): {"abx_within", "abx_across"}; subsampling as `abx_error` (ZeroSpeech 2021's
+  caps by default)."""
   from jaxspeech.eval.common import frame_phone_labels, layer_outputs
   from jaxspeech.eval.registry import EvalError
 
@@ -329,15 +353,19 @@ def evaluate_abx(ctx, wavs, rows, layer: int, max_items_per_cell: int = 5,
   if not items:
     raise EvalError("abx: no phone segment in context found in the manifest")
   r = abx_error(items, ys, ctxs, spk, metric="angular", max_frames=32,
+                max_size_group=max_size_group, max_x_across=max_x_across,
                 max_items_per_cell=max_items_per_cell, seed=seed)
   return {"abx_within": r["abx_within"], "abx_across": r["abx_across"]}
 
 
 def run(ctx, manifest: str = "", split: str = "", layer="last", seed: int = 0,
-        max_items_per_cell: int = 5) -> dict[str, float]:
+        max_size_group: int | None = 10, max_x_across: int | None = 5,
+        max_items_per_cell: int | None = None) -> dict[str, float]:
   """The `abx` task on the rows of `manifest` (default: the run's manifest) of `split`."""
   from jaxspeech.eval import common
 
   rows = common.task_rows(ctx, manifest, split, need_alignment=True)
   li = common.layer_index(ctx, layer)
-  return evaluate_abx(ctx, common.load_wavs(rows), rows, li, int(max_items_per_cell), int(seed))
+  opt = lambda v: None if v is None else int(v)
+  return evaluate_abx(ctx, common.load_wavs(rows), rows, li, opt(max_size_group),
+                      opt(max_x_across), opt(max_items_per_cell), int(seed))

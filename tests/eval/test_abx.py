@@ -288,3 +288,47 @@ def test_dtw_rows_are_the_x_frames():
   items = [_P, _Q, _B_WITHIN, _Q, _P, _B_WITHIN]
   res = abx_error(items, list("aabaab"), ["c1"] * 3 + ["c2"] * 3, [1] * 6)
   assert res["abx_within"] == 75.0
+
+
+def _random_items(seed=0, n=200):
+  rng = np.random.default_rng(seed)
+  feats = [rng.normal(size=(int(rng.integers(2, 6)), 4)).astype(np.float32) for _ in range(n)]
+  labels = rng.integers(0, 3, n).tolist()
+  ctxs = rng.integers(0, 2, n).tolist()
+  spks = rng.integers(0, 4, n).tolist()
+  return feats, labels, ctxs, spks
+
+
+def test_zerospeech_subsampling_caps(monkeypatch):
+  import jaxspeech.eval.abx as abx
+
+  items = _random_items()
+  full = abx_error(*items)
+  # Caps above every cell's size change nothing.
+  big = abx_error(*items, max_size_group=1000, max_x_across=1000)
+  assert big == full
+  # Every scored cell has at most max_size_group A, B and X items.
+  shapes = []
+  real = abx._triplet_error
+  monkeypatch.setattr(abx, "_triplet_error",
+                      lambda d_ax, d_bx, same: shapes.append((d_ax.shape, d_bx.shape)) or
+                      real(d_ax, d_bx, same))
+  capped = abx_error(*items, max_size_group=3, seed=1)
+  assert shapes and max(max(a + b) for a, b in shapes) == 3
+  assert capped["num_across_cells"] == full["num_across_cells"]
+  assert capped["abx_within"] != full["abx_within"]
+  # Within a speaker A and X are one draw: a single item leaves no X != A.
+  assert abx_error(*items, max_size_group=1)["num_within_cells"] == 0
+  # Across: at most max_x_across X speakers per (context, speaker, a, b).
+  one_x = abx_error(*items, max_x_across=1)
+  keys = list(zip(items[2], items[3], items[1]))  # (context, speaker, label)
+  groups = {(c, s, a, b) for c, s, a in keys for b in set(items[1])
+            if b != a and (c, s, b) in keys and any(k[0] == c and k[1] != s and k[2] == a
+                                                     for k in keys)}
+  assert one_x["num_across_cells"] == len(groups) < full["num_across_cells"]
+  assert one_x["abx_within"] == full["abx_within"]
+  # Reproducible by seed; another seed draws other items.
+  assert abx_error(*items, max_size_group=3, seed=1) == capped
+  assert abx_error(*items, max_size_group=3, seed=2)["abx_within"] != capped["abx_within"]
+  with pytest.raises(ValueError, match="max_size_group"):
+    abx_error(*items, max_size_group=0)
