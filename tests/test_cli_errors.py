@@ -40,16 +40,6 @@ def run_module(module: str, *args: str, timeout: int = 120):
                         capture_output=True, text=True, timeout=timeout)
 
 
-def snapshot(root) -> dict[str, tuple[int, int]]:
-  """{relative path: (size, mtime_ns)} of every file under `root`."""
-  out = {}
-  for d, _, files in os.walk(root):
-    for f in files:
-      st = os.stat(os.path.join(d, f))
-      out[os.path.relpath(os.path.join(d, f), root)] = (st.st_size, st.st_mtime_ns)
-  return out
-
-
 # ---------------------------------------------------------------------------------------------
 # evaluate (issue 22, case 12) and extract (case 13).
 

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxspeech.methods.parp import DEFAULT_PATTERN, PruneSpec
 from jaxspeech.ops import pruning
+from tests.files_snapshot import snapshot
 from tests.methods.test_ctc import small_ctc_config
 
 TOL = 1e-3  # the issue's +-0.1%
@@ -203,21 +204,11 @@ def test_runner_exports_exact_sparsity_and_the_right_mask(tmp_path, method, s):
     _rerun_checks_the_recorded_phases(prune_runner, config, workdir)
 
 
-def _files(root):
-  """{relative path: (size, mtime_ns)} of every file under `root`."""
-  out = {}
-  for d, _, names in os.walk(root):
-    for n in names:
-      st = os.stat(os.path.join(d, n))
-      out[os.path.relpath(os.path.join(d, n), root)] = (st.st_size, st.st_mtime_ns)
-  return out
-
-
 def _rerun_checks_the_recorded_phases(prune_runner, config, workdir):
   """Issue 22 case 5, on the finished OMP workdir: a re-run with a new sparsity stops with one
   error naming the phase and the key, every file as it was; the same config resumes (nothing
   re-trained, the report unchanged)."""
-  before = _files(workdir)
+  before = snapshot(workdir)
   with open(os.path.join(workdir, 'prune_phases.json')) as f:
     phases_json = json.load(f)
   other = copy.deepcopy(config)
@@ -227,9 +218,9 @@ def _rerun_checks_the_recorded_phases(prune_runner, config, workdir):
   msg = str(e.value)
   assert msg.startswith(os.path.join(workdir, 'phases', 'round1_init') + ':'), msg
   assert 'prune.sparsity: 0.7 -> 0.9' in msg and 'new --workdir' in msg and '\n' not in msg
-  assert _files(workdir) == before
+  assert snapshot(workdir) == before
   out = prune_runner.run(config, workdir)  # identical: every phase is finished, none re-run
-  after = _files(workdir)
+  after = snapshot(workdir)
   assert {k: v for k, v in after.items() if k not in ('sparsity.json', 'prune_phases.json')} == {
     k: v for k, v in before.items() if k not in ('sparsity.json', 'prune_phases.json')}
   with open(os.path.join(workdir, 'prune_phases.json')) as f:
@@ -267,7 +258,7 @@ def test_rerun_with_another_config_is_refused_before_any_work(tmp_path):
   cadence.train.log_every = 1
   cadence.train.checkpoint_every = 1
   prune_runner.check_phases(prune_runner.plan(cadence, workdir))
-  before = _files(workdir)
+  before = snapshot(workdir)
 
   def refused(where, *changes, **overrides):
     c = copy.deepcopy(config)
@@ -280,7 +271,7 @@ def test_rerun_with_another_config_is_refused_before_any_work(tmp_path):
     assert msg.startswith(os.path.join(workdir, where) + ':'), msg
     for change in changes:
       assert change in msg, msg
-    assert _files(workdir) == before
+    assert snapshot(workdir) == before
     return msg
 
   # A new target: the dense phase is the same, round 1's mask is not (s_1 = 1 - 0.1^(1/2)).
@@ -326,7 +317,7 @@ def test_prune_cli_refusal_is_one_line_exit_2(tmp_path):
   config.prune.method = 'mpi'
   workdir = str(tmp_path / 'mpi')
   _fake_finished(prune_runner, config, workdir)
-  before = _files(workdir)
+  before = snapshot(workdir)
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   p = subprocess.run([sys.executable, '-m', 'jaxspeech.prune', '--config',
                       'experiments/parp.py:tiny', '--workdir', workdir,
@@ -338,7 +329,7 @@ def test_prune_cli_refusal_is_one_line_exit_2(tmp_path):
   lines = [line for line in p.stderr.splitlines() if 'error:' in line]
   assert len(lines) == 1 and lines[0].startswith(f'python -m jaxspeech.prune: error: {workdir}:')
   assert 'prune.sparsity: 0.5 -> 0.7' in lines[0]
-  assert _files(workdir) == before
+  assert snapshot(workdir) == before
 
 
 @pytest.mark.slow
