@@ -90,6 +90,7 @@ def _by_hand(setup, host, wav):
   return np.argmax(z @ p['codebook'].T, axis=-1), np.asarray(hidden)
 
 
+@pytest.mark.slow  # default run under 20 min on 2 cores; test_units_layer checks the CLI units
 def test_units_equal_by_hand_argmax(spin_workdir, audio_files, tmp_path):
   workdir, setup, host = spin_workdir
   out = tmp_path / 'units.npz'

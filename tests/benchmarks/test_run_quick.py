@@ -36,6 +36,7 @@ def _check_data(res: dict) -> None:
     assert r['audio_s_per_s'] > 0 and r['audio_s'] > 0
 
 
+@pytest.mark.slow  # default run under 20 min on 2 cores
 def test_quick_encoder_and_data(tmp_path):
   out = tmp_path / 'results.json'
   res = run.main(['--quick', '--sections', 'encoder,data', '--models', 'tiny', '--out', str(out)])

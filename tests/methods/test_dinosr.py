@@ -253,6 +253,7 @@ def _train(c, steps: int) -> tuple[float, dict]:
   return start, {k: np.mean([h[k] for h in hist[-20:]]) for k in hist[-1]}
 
 
+@pytest.mark.slow  # default run < 20 min on 2 cores; loss/codebook have fast tests
 def test_short_training_run_learns(tmp_path):
   """~150 steps on 20 synthetic utterances, block-output targets and the reference codebook
   mechanics (no dead-codeword restart): the loss falls from ~log V and the masked accuracy ends

@@ -210,6 +210,7 @@ def test_paper_config_values():
   assert c.train.trainable == spin.trainable_regex(12, 2)
 
 
+@pytest.mark.slow  # default run under 20 min on 2 cores
 def test_short_training_run_loss_falls(synth_corpus):
   """60 steps of a small Spin model (all 3 layers trainable, from random weights; the 'jax'
   perturbation in the step) on 20 synthetic utterances: the swapped-prediction loss falls by more

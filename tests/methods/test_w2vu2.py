@@ -102,6 +102,7 @@ def test_feature_cache_rows_and_batches(oracle):
     bad.host_fields(rows[3])
 
 
+@pytest.mark.slow  # default run under 20 min on 2 cores
 def test_gan_trains_and_evaluates_on_a_workdir(oracle, tmp_path):
   from jaxspeech import evaluate
   from jaxspeech.train import trainer

@@ -6,10 +6,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
 from tests.train.common import small_config
 
 
+@pytest.mark.slow  # default run under 20 min on 2 cores
 def test_two_buckets_train_and_compile(tmp_path):
   from jaxspeech.methods.base import get_method
   from jaxspeech.train import aot, partitioning
