@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _fields(ctx, rows: list[dict], batch_size: int):
+def row_batches(ctx, rows: list[dict], batch_size: int):
   """Batches of the rows' host fields (+ index, valid), each padded to `batch_size` rows."""
   import jax.numpy as jnp
 
@@ -52,7 +52,7 @@ def predict_all(ctx, rows: list[dict], kind: str, modality: str, batch_size: int
 
   fn = jax.jit(ctx.need(kind), static_argnums=1)
   out = []
-  for n, batch in _fields(ctx, rows, batch_size):
+  for n, batch in row_batches(ctx, rows, batch_size):
     y = fn(batch, modality)
     out.append([np.asarray(a)[:n] for a in y] if kind == 'av_layers' else np.asarray(y)[:n])
   if kind == 'av_layers':

@@ -58,6 +58,10 @@ Loading and prediction
     'logits'   (wav [B, S], mask [B, S]) -> ([B, T, V] float32, frame_mask [B, T])  (CTC)
     'labels'   (batch: dict of the batch spec's fields) -> [B] int32  (classifiers)
     'samples'  (rng, n: int) -> [n, ...] float32  (generators)
+    'pair_embeddings'  (batch, modality: 'audio' | 'visual') -> {'summary' [B, E],
+               'code_dist' [B, V], 'codes' [B, T] int32, 'mask' [B, T]}  (cross-modal retrieval)
+    'pair_similarity'  (audio: dict, visual: dict, part: str = 'combined') -> [Na, Nv] float32,
+               from two 'pair_embeddings' outputs (`jaxspeech.methods.cmcm`)
   and `encoder(model)` gives the SpeechEncoder of a model that has one (None otherwise).
 """
 

@@ -194,40 +194,14 @@ class Uavm(Method):
     }
 
   def host_fields(self, row):
-    c = self.model_config
-    where = row.get('id', row.get('path', 'row'))
-    if self.audio_input == 'mfcc':
-      a = clip_features(str(row['path']))
-    else:
-      a = _load_features(row, str(self.config.method.audio_features_key), c.audio_dim, where)
-    if self.visual_input == 'image_rows':
-      img = np.asarray(row['image'], np.float32)
-      if img.size != IMAGE_SIDE * IMAGE_SIDE:
-        raise ValueError(f'{where}: image has {img.size} values, need {IMAGE_SIDE ** 2}')
-      v = img.reshape(IMAGE_SIDE, IMAGE_SIDE) / GREY_LEVELS  # 8 row-frames x 8 features
-    else:
-      v = _load_features(row, str(self.config.method.visual_features_key), c.visual_dim, where)
-    label = int(row['label'])
-    if not 0 <= label < c.num_classes:
-      raise ValueError(f'{where}: label {label} not in 0..{c.num_classes - 1}')
-    af, am = fit_frames(a, c.audio_frames)
-    vf, vm = fit_frames(v, c.visual_frames)
-    return {'audio_feats': af, 'audio_feats_mask': am, 'visual_feats': vf,
-            'visual_feats_mask': vm, 'label': np.int32(label)}
+    c, m = self.model_config, self.config.method
+    return pair_host_fields(row, self.audio_input, self.visual_input, c.audio_frames, c.audio_dim,
+                            c.visual_frames, c.visual_dim, c.num_classes,
+                            str(m.audio_features_key), str(m.visual_features_key))
 
   def default_manifest(self, data_config):
-    m = self.config.method
-    if (self.audio_input, self.visual_input) != ('mfcc', 'image_rows'):
-      raise ConfigError(
-        f'config.data.manifest: required with audio_input={self.audio_input!r}, visual_input='
-        f'{self.visual_input!r} (a JSONL manifest whose rows name .npy feature files in '
-        f'{str(m.audio_features_key)!r} / {str(m.visual_features_key)!r}, plus "label" and '
-        '"split"); only the built-in FSDD x digits pairs need none')
-    from data_pipelines.av_pairs import cached_manifest
-
-    return cached_manifest(str(data_config.cache_dir) or None, str(m.fsdd_root) or None,
-                           seed=int(m.pair_seed), test_speakers=int(m.test_speakers),
-                           image_test_fraction=float(m.image_test_fraction))
+    return pair_default_manifest(self.config.method, data_config, self.audio_input,
+                                 self.visual_input)
 
   # --- loss --------------------------------------------------------------------------------------
 
@@ -279,7 +253,54 @@ class Uavm(Method):
             'av_logits': av_logits, 'av_layers': av_layers}
 
 
-def _load_features(row: dict, key: str, dim: int, where: str) -> np.ndarray:
+def pair_host_fields(row: dict, audio_input: str, visual_input: str, audio_frames: int,
+                     audio_dim: int, visual_frames: int, visual_dim: int, num_classes: int,
+                     audio_features_key: str = 'audio_features',
+                     visual_features_key: str = 'visual_features') -> dict[str, np.ndarray]:
+  """One paired row -> the fields of the module docstring (`audio_feats`, `audio_feats_mask`,
+  `visual_feats`, `visual_feats_mask`, `label`); shared by every method on paired rows
+  (`jaxspeech.methods.cmcm` too)."""
+  where = row.get('id', row.get('path', 'row'))
+  if audio_input == 'mfcc':
+    a = clip_features(str(row['path']))
+  else:
+    a = load_features(row, audio_features_key, audio_dim, where)
+  if visual_input == 'image_rows':
+    img = np.asarray(row['image'], np.float32)
+    if img.size != IMAGE_SIDE * IMAGE_SIDE:
+      raise ValueError(f'{where}: image has {img.size} values, need {IMAGE_SIDE ** 2}')
+    v = img.reshape(IMAGE_SIDE, IMAGE_SIDE) / GREY_LEVELS  # 8 row-frames x 8 features
+  else:
+    v = load_features(row, visual_features_key, visual_dim, where)
+  label = int(row['label'])
+  if not 0 <= label < num_classes:
+    raise ValueError(f'{where}: label {label} not in 0..{num_classes - 1}')
+  af, am = fit_frames(a, audio_frames)
+  vf, vm = fit_frames(v, visual_frames)
+  return {'audio_feats': af, 'audio_feats_mask': am, 'visual_feats': vf,
+          'visual_feats_mask': vm, 'label': np.int32(label)}
+
+
+def pair_default_manifest(method_config, data_config, audio_input: str, visual_input: str) -> str:
+  """The built-in FSDD x load_digits pairs (`data_pipelines.av_pairs`) of `method_config`'s
+  `fsdd_root`, `pair_seed`, `test_speakers`, `image_test_fraction`; an error for the 'features'
+  inputs, which need `config.data.manifest`."""
+  m = method_config
+  if (audio_input, visual_input) != ('mfcc', 'image_rows'):
+    raise ConfigError(
+      f'config.data.manifest: required with audio_input={audio_input!r}, visual_input='
+      f'{visual_input!r} (a JSONL manifest whose rows name .npy feature files in '
+      f'{str(m.audio_features_key)!r} / {str(m.visual_features_key)!r}, plus "label" and '
+      '"split"); only the built-in FSDD x digits pairs need none')
+  from data_pipelines.av_pairs import cached_manifest
+
+  return cached_manifest(str(data_config.cache_dir) or None, str(m.fsdd_root) or None,
+                         seed=int(m.pair_seed), test_speakers=int(m.test_speakers),
+                         image_test_fraction=float(m.image_test_fraction))
+
+
+def load_features(row: dict, key: str, dim: int, where: str) -> np.ndarray:
+  """The `[T, dim]` float32 features of the .npy file named by `row[key]` (an absolute path)."""
   if key not in row:
     raise ValueError(f'{where}: no {key!r} (a .npy file of [T, {dim}] features)')
   path = str(row[key])
