@@ -67,6 +67,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Tiny, held-out speakers, K=64 on the last layer: z-scored targets gave PNMI 0.475, ABX
   # within / across 2.4% / 10.8%; raw targets 0.464, 3.5% / 17.1% (Nov 29).
   c.method.standardize_mfcc = True
+  # The waveform scale the MFCCs see: 'fairseq' = samples in [-1, 1], as fairseq's
+  # dump_mfcc_feature.py feeds torchaudio.compliance.kaldi.mfcc; 'kaldi' = x 32768 (int16, Kaldi's
+  # compute-mfcc-feats; this project's targets before Dec 2). Changes c0 by a constant and, via
+  # the log floor, c1-c12 of quiet frames.
+  c.method.mfcc_input_scale = 'fairseq'
   c.method.kmeans_max_frames = 20_000 if tiny else 1_000_000
   c.method.mask_prob = 0.8
   c.method.mask_length = 10

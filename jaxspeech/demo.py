@@ -126,28 +126,6 @@ def export_encoder(workdir: str, out_dir: str, label: str | None = None) -> None
 # Evaluation.
 
 
-def frame_speaker_probe(feats, speakers, frames_per_utt: int, seed: int = 0) -> float:
-  """Speaker-ID accuracy of a linear probe on single frames: `frames_per_utt` random frames of
-  every utterance; train/test split by utterance (as the utterance-level probe)."""
-  from jaxspeech.eval.speaker_probe import speaker_probe, split_by_speaker
-
-  rng = np.random.default_rng(seed)
-  train, test = split_by_speaker(speakers, seed=seed)
-
-  def take(idx):
-    xs, ys = [], []
-    for i in idx:
-      f = feats[i]
-      pick = rng.choice(len(f), min(frames_per_utt, len(f)), replace=False)
-      xs.append(f[pick])
-      ys += [speakers[i]] * len(pick)
-    return np.concatenate(xs).astype(np.float32), np.array(ys)
-
-  xtr, ytr = take(train)
-  xte, yte = take(test)
-  return speaker_probe(xtr, ytr, xte, yte, seed=seed)['accuracy']
-
-
 def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs) -> dict[str, float]:
   """All metrics of one model (`ctx`: its `jaxspeech.workdir.load_context`), and of its own
   units when its method predicts them ('units'). k-means is fitted on `fit_wavs` (the training
@@ -161,9 +139,9 @@ def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs) -> dict[str, fl
   t0 = time.perf_counter()
   feats = common.layer_outputs(ctx, wavs, layer)
   speakers = np.array([r['speaker'] for r in rows])
-  res['speaker_acc_utterance'] = speaker_probe.evaluate_speaker_probe(ctx, wavs, rows,
-                                                                      layer)['accuracy']
-  res['speaker_acc_frame'] = frame_speaker_probe(feats, speakers, _FRAMES_PER_UTT.value)
+  probes = speaker_probe.probe_features(feats, speakers, frames_per_utt=_FRAMES_PER_UTT.value)
+  res['speaker_acc_utterance'] = probes['accuracy']
+  res['speaker_acc_frame'] = probes['frame_accuracy']
   logging.info('  %s: speaker probes %.3f (utterance) %.3f (frame) [%.0f s]', name,
                res['speaker_acc_utterance'], res['speaker_acc_frame'], time.perf_counter() - t0)
   km = units_lib.evaluate_units(ctx, wavs, rows, layer, k, fit_wavs=fit_wavs)

@@ -6,6 +6,8 @@ r"""Evaluation of a checkpoint by one registered task on a manifest; prints one 
     python -m jaxspeech.evaluate --checkpoint DIR|mfcc --manifest M --task speaker_probe --layer L
     python -m jaxspeech.evaluate --checkpoint WORKDIR --manifest M --task ctc [--split test]
     python -m jaxspeech.evaluate --checkpoint WORKDIR --task classification --split test
+    python -m jaxspeech.evaluate --checkpoint WORKDIR --task av_classification --split test
+    python -m jaxspeech.evaluate --checkpoint WORKDIR --task retrieval --split test
 
 `--task` names a module of the evaluation registry (`jaxspeech/eval/<task>.py` with
 `run(ctx, **args)`, `jaxspeech.eval.registry`): the very functions `config.evals` runs during
@@ -21,23 +23,34 @@ the task does not take is an error). Tasks and output:
                  share of the speaker entropy the units explain; lower = more speaker-invariant)
                  given >= 2 speakers (`jaxspeech.eval.units`).
   abx            ZeroSpeech-style ABX error (%) on phone segments in context (triphones), DTW on
-                 angular distance, libri-light's averaging: {"abx_within", "abx_across"}
+                 angular distance, libri-light's averaging, ZeroSpeech 2021's item subsampling
+                 (10 items per cell, 5 X speakers): {"abx_within", "abx_across"}
                  (`jaxspeech.eval.abx`).
-  speaker_probe  linear speaker classifier on utterance-mean features, accuracy on held-out
-                 utterances of the same speakers: {"accuracy"}.
+  speaker_probe  linear speaker classifiers (logistic regression, L2 strength chosen by 5-fold
+                 cross-validation on the training utterances) on utterance-mean features and on
+                 single frames, accuracy on held-out utterances of the same speakers:
+                 {"accuracy", "train_accuracy", "C", "chance", "frame_accuracy", ...}
+                 (`jaxspeech.eval.speaker_probe`; with two speakers it saturates at 1.0: probe
+                 more, e.g. all 8 of the built-in corpus).
   ctc            greedy CTC decoding of a ctc/parp training workdir's 'logits' with its
                  vocabulary: {"per"} (phone model) or {"wer", "cer"} (character model).
   classification accuracy of a classifier's 'labels' prediction: {"accuracy", "num_examples"}.
+  av_classification  audio-only, visual-only and AV (mean of logits) accuracy of an audio-visual
+                 classifier (UAVM): {"audio", "visual", "av", ...}
+                 (`jaxspeech.eval.av_classification`).
+  retrieval      audio->image and image->audio recall@1/5/10 of a cross-modal model (CMCM) on
+                 the split's pairs, chance, codebook usage (`jaxspeech.eval.retrieval`).
 
 `--checkpoint` is an HF checkpoint directory (config.json + weights), a jaxspeech training workdir
 (its `config.json`, latest checkpoint and host state; the tasks see its method's predictions,
-`Method.predict_fns`), or `mfcc` (39-d MFCC + deltas at 50 Hz, the HuBERT iteration-1 features;
-`--layer` is ignored); see `jaxspeech.workdir.load_context`, also for how the waveforms are
-normalised. `--layer` is a hidden-state index (0 = transformer input, HF `hidden_states`
-convention; negative counts from the end) or `last`. `--manifest` defaults to a workdir's own
-training manifest. Frame phone labels come from the manifest's `alignment` rows (frame t = phone
-covering its centre at 50 Hz); `--split` keeps only rows of one split (e.g. `test`, the held-out
-speakers of the built-in corpus). User errors (a bad flag value such as `--k 0`, a missing
+`Method.predict_fns`), or `mfcc` (39-d MFCC + deltas at 50 Hz, the HuBERT iteration-1 features as
+fairseq's dump_mfcc_feature.py computes them: samples in [-1, 1], or x 32768 with
+`--mfcc_input_scale kaldi`; `--layer` is ignored); see `jaxspeech.workdir.load_context`, also for
+how the waveforms are normalised. `--layer` is a hidden-state index (0 = transformer input, HF
+`hidden_states` convention; negative counts from the end) or `last`. `--manifest` defaults to a
+workdir's own training manifest. Frame phone labels come from the manifest's `alignment` rows (frame
+t = phone covering its centre at 50 Hz); `--split` keeps only rows of one split (e.g. `test`, the
+held-out speakers of the built-in corpus). User errors (a bad flag value such as `--k 0`, a missing
 checkpoint or manifest, rows without alignments for units/abx, a task the model cannot do, a
 checkpoint of another architecture, ...) print one line `PROG: error: ...` naming the flag or file
 to stderr and exit with code 2 (`jaxspeech.errors.run_cli`); only a bug shows a traceback.
@@ -73,10 +86,12 @@ def positive_int(text: str) -> int:
   return value
 
 
-def evaluate(checkpoint: str, manifest: str, task: str, **args) -> dict[str, float]:
+def evaluate(checkpoint: str, manifest: str, task: str, mfcc_input_scale: str | None = None,
+             **args) -> dict[str, float]:
   """Task `task` of the registry on `checkpoint` ('mfcc', an HF folder or a workdir) with the
   rows of `manifest` ('' = the workdir's training manifest); `args` are the task's keyword
-  arguments. A task argument the task does not take is an EvalError naming its flag."""
+  arguments. A task argument the task does not take is an EvalError naming its flag.
+  `mfcc_input_scale` is the `mfcc` checkpoint's waveform scale (`workdir.load_context`)."""
   module = registry.task_module(task)
   params = inspect.signature(module.run).parameters
   unknown = [k for k in args if k not in params]
@@ -85,7 +100,7 @@ def evaluate(checkpoint: str, manifest: str, task: str, **args) -> dict[str, flo
                     f'{sorted(k for k in params if k != "ctx")})')
   if manifest and not os.path.exists(manifest):
     raise EvalError(f'--manifest {manifest}: no such file')
-  ctx = workdir_lib.load_context(checkpoint)
+  ctx = workdir_lib.load_context(checkpoint, mfcc_input_scale=mfcc_input_scale)
   try:
     return registry.run_task(ctx, task, **({'manifest': manifest} if manifest else {}), **args)
   except ValueError as e:
@@ -117,12 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
+  from jaxspeech.methods.hubert import MFCC_INPUT_SCALES
+
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
   p.add_argument('--checkpoint', required=True, help='HF dir, jaxspeech workdir, or mfcc')
   p.add_argument('--manifest', default='',
                  help="JSONL manifest ('' = the workdir's training manifest)")
   p.add_argument('--task', required=True,
-                 help='a registered task: units, abx, speaker_probe, ctc, classification')
+                 help='a registered task: units, abx, speaker_probe, ctc, classification, '
+                      'av_classification, retrieval, ...')
   p.add_argument('--layer', default=None, help="hidden-state index or 'last' (default)")
   p.add_argument('--k', type=positive_int, default=None,
                  help='k-means clusters, >= 1 (units; default 50)')
@@ -135,10 +153,14 @@ def _main(argv: Sequence[str] | None) -> int:
   p.add_argument('--fit_split', default=None,
                  help="units: fit k-means on the manifest rows of this split (e.g. train) and "
                  "assign the evaluated rows ('' = fit on the evaluated rows)")
+  p.add_argument('--mfcc_input_scale', default=None, choices=tuple(MFCC_INPUT_SCALES),
+                 help="--checkpoint mfcc: the waveform as fairseq feeds it, in [-1, 1] "
+                 "(default), or x 32768 as Kaldi's int16 (the baseline before Dec 2)")
   args = p.parse_args(argv)
   given = {k: getattr(args, k) for k in TASK_FLAGS
            if getattr(args, k) not in (None, False, '')}
-  result = evaluate(args.checkpoint, args.manifest, args.task, **given)
+  result = evaluate(args.checkpoint, args.manifest, args.task,
+                    mfcc_input_scale=args.mfcc_input_scale, **given)
   print(json.dumps({k: float(v) for k, v in result.items()}))
   return 0
 

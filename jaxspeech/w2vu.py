@@ -82,7 +82,9 @@ def cache_features(encoder: str, layer: str, out_dir: str, manifest: str = '',
 
   manifest = os.path.abspath(manifest or synth.built_in_corpus())
   source = encoder if encoder in ('mfcc', 'oracle') else os.path.abspath(encoder)
-  meta = {'source': source, 'layer': str(layer), 'corpus': manifest}
+  # mfcc_input_scale: the MFCCs (features and auxiliary targets) of caches made before Dec 2
+  # saw the waveform x 32768; those caches are rebuilt.
+  meta = {'source': source, 'layer': str(layer), 'corpus': manifest, 'mfcc_input_scale': 'fairseq'}
   if feature_cache.cache_is_complete(out_dir, meta):
     logging.info('reusing the feature cache %s', out_dir)
     return os.path.join(out_dir, 'manifest.jsonl')

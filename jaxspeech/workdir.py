@@ -83,13 +83,18 @@ def workdir_context(workdir: str, label: str | None = None) -> EvalContext:
                      predict=method.predict_fns(model, extra), normalize=True)
 
 
-def load_context(checkpoint: str, label: str | None = None) -> EvalContext:
+def load_context(checkpoint: str, label: str | None = None,
+                 mfcc_input_scale: str | None = None) -> EvalContext:
   """'mfcc', an HF checkpoint directory or a jaxspeech workdir -> its EvalContext. Errors name
   the source as `label` (default `--checkpoint CHECKPOINT`, as the CLIs take it): never a config
-  key the user did not set. An HF folder's errors name its files."""
+  key the user did not set. An HF folder's errors name its files. `mfcc_input_scale` ('fairseq',
+  the default, or 'kaldi'; `jaxspeech.methods.hubert.MFCC_INPUT_SCALES`) applies to 'mfcc' only
+  and is an error with any other checkpoint."""
   label = label or f'--checkpoint {checkpoint}'
   if checkpoint == 'mfcc':
-    return mfcc_context()
+    return mfcc_context(mfcc_input_scale or 'fairseq')
+  if mfcc_input_scale is not None:
+    raise EvalError(f'--mfcc_input_scale applies to --checkpoint mfcc only, not {checkpoint}')
   if not os.path.isdir(checkpoint):
     raise EvalError(f'{label}: no such directory (nor "mfcc")')
   if os.path.isdir(os.path.join(checkpoint, 'checkpoints')):

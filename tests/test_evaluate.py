@@ -102,8 +102,34 @@ def test_mfcc_every_task(corpus, capsys):
                        'speaker_probe')
   assert rc == 0
   probe = json.loads(out.strip())
-  assert set(probe) == {'accuracy'}
-  assert probe['accuracy'] > 0.5  # 4 speakers: chance 0.25
+  assert set(probe) == {'accuracy', 'train_accuracy', 'C', 'chance', 'majority_baseline',
+                        'num_speakers', 'num_train', 'num_test', 'frame_accuracy',
+                        'frame_train_accuracy', 'frame_C', 'frame_majority_baseline'}
+  assert probe['accuracy'] > 0.5 and probe['chance'] == 0.25 and probe['num_speakers'] == 4
+  assert probe['frame_accuracy'] > 0.25
+
+
+def test_mfcc_input_scale(capsys, tmp_path):
+  """`--mfcc_input_scale kaldi`: the waveform x 32768 (c0 up by sqrt(23) log(32768^2) where no
+  mel bin is floored, as for this noisy tone); an error with any other checkpoint."""
+  t = np.arange(16000) / 16000
+  wav = (0.3 * np.sin(2 * np.pi * 300 * t) + 0.05 * np.random.default_rng(0).normal(size=16000))
+  wav, mask = wav[None].astype(np.float32), np.ones((1, 16000), bool)
+  fairseq = np.asarray(workdir_lib.load_context('mfcc').predict['features'](wav, mask)[0])[0]
+  ctx = workdir_lib.load_context('mfcc', mfcc_input_scale='kaldi')
+  kaldi = np.asarray(ctx.predict['features'](wav, mask)[0])[0]  # [T, 39]
+  np.testing.assert_allclose(kaldi[:, 0] - fairseq[:, 0], np.sqrt(23) * np.log(32768.0 ** 2),
+                             rtol=1e-4)
+  np.testing.assert_allclose(kaldi[:, 1:], fairseq[:, 1:], atol=2e-3)
+  manifest = tmp_path / 'm.jsonl'
+  manifest.write_text('')
+  rc, _, err = run_cli(capsys, '--checkpoint', str(tmp_path), '--manifest', str(manifest),
+                       '--task', 'abx', '--mfcc_input_scale', 'kaldi')
+  assert rc == 2 and '--mfcc_input_scale applies to --checkpoint mfcc only' in err
+  with pytest.raises(SystemExit) as e:  # argparse's own usage error
+    evaluate.main(['--checkpoint', 'mfcc', '--manifest', str(manifest), '--task', 'abx',
+                   '--mfcc_input_scale', 'int16'])
+  assert e.value.code == 2 and "invalid choice: 'int16'" in capsys.readouterr().err
 
 
 def test_workdir_every_task_and_codebook(corpus, workdir, capsys):
@@ -325,6 +351,7 @@ def spin_workdir(tmp_path_factory):
   return make_spin_workdir(tmp_path_factory.mktemp('spin_wd'))[0]
 
 
+@pytest.mark.slow  # default run < 20 min on 2 cores; test_extract_units checks units
 def test_spin_units(corpus, spin_workdir, capsys):
   """`--units` (alias `--codebook`) scores Spin's own units: `SpinModel.units` of every
   normalised utterance, computed here one utterance at a time."""

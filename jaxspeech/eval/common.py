@@ -14,8 +14,10 @@ Checkpoints (`jaxspeech.workdir.load_context`):
            `predict = method.predict_fns(model, extra)`.
   HF dir   an HF checkpoint folder (config.json + weights): a bare speech encoder,
            `predict = {'features'}` (`EncoderOnly`).
-  'mfcc'   39-d Kaldi MFCC + deltas + delta-deltas at 50 Hz, HuBERT's iteration-1 features
-           (`MfccBaseline`; it has one feature layer, so the layer is ignored).
+  'mfcc'   39-d Kaldi MFCC + deltas + delta-deltas at 50 Hz, HuBERT's iteration-1 features as
+           fairseq's dump_mfcc_feature.py computes them (samples in [-1, 1]; `input_scale=
+           'kaldi'` for x 32768; deltas over each utterance's own frames) (`MfccBaseline`; it
+           has one feature layer, so the layer is ignored).
 Inputs are fed as the model was trained (`EvalContext.normalize`): every utterance normalised to
 zero mean / unit variance (`jaxspeech.audio.normalize_waveform`) before padding -- always for a
 workdir (the training pipeline always normalises), for an HF folder as its
@@ -193,32 +195,52 @@ class EncoderOnly(Method):
 _MFCC_GEOMETRY = 'tiny'
 
 
-def mfcc_features(wav: jax.Array, mask: jax.Array, layer: int = 0) -> tuple[jax.Array, jax.Array]:
+def mfcc_features(wav: jax.Array, mask: jax.Array, layer: int = 0,
+                  input_scale: str = 'fairseq') -> tuple[jax.Array, jax.Array]:
   """39-d MFCC + deltas at 50 Hz of the raw waveform (`jaxspeech.methods.hubert`), one frame per
-  encoder frame. `[B, S], [B, S] -> ([B, T, 39], frame_mask [B, T])`; `layer` is ignored."""
+  encoder frame, each utterance's deltas over its own valid samples (`mask`).
+  `[B, S], [B, S] -> ([B, T, 39], frame_mask [B, T])`; `layer` is ignored."""
   from jaxspeech.methods.hubert import mfcc_targets_features
   from jaxspeech.models.speech_encoder import EncoderConfig
 
   del layer
   cfg = EncoderConfig.preset(_MFCC_GEOMETRY)  # only its conv geometry: 20 ms frames
   t = cfg.num_frames(wav.shape[1])
-  lengths = cfg.frame_lengths(jnp.sum(mask, -1))  # [B]
-  return mfcc_targets_features(wav, t), jnp.arange(t)[None, :] < lengths[:, None]
+  samples = jnp.sum(mask, -1)  # [B]
+  lengths = cfg.frame_lengths(samples)  # [B]
+  feats = mfcc_targets_features(wav, t, samples, input_scale)  # [B, T, 39]
+  return feats, jnp.arange(t)[None, :] < lengths[:, None]
 
 
 class MfccBaseline(Method):
-  """HuBERT's iteration-1 features (no model, no encoder): 'features' = `mfcc_features`."""
+  """HuBERT's iteration-1 features (no model, no encoder): 'features' = `mfcc_features` with the
+  waveform scale `input_scale` ('fairseq' = samples in [-1, 1], or 'kaldi' = x 32768)."""
 
   name = 'mfcc'
   encoder_path = None
 
+  def __init__(self, config, input_scale: str = 'fairseq'):
+    from jaxspeech.methods.hubert import MFCC_INPUT_SCALES
+
+    super().__init__(config)
+    if input_scale not in MFCC_INPUT_SCALES:
+      raise EvalError(f'MFCC input scale {input_scale!r}: choose one of '
+                      f'{", ".join(MFCC_INPUT_SCALES)}')
+    self.input_scale = input_scale
+
   def predict_fns(self, model, extra_state):
     del model, extra_state
-    return {'features': mfcc_features}
+    scale = self.input_scale
+
+    def features(wav, mask, layer=0):
+      return mfcc_features(wav, mask, layer, scale)
+
+    return {'features': features}
 
 
-def mfcc_context() -> EvalContext:
-  method = MfccBaseline(None)
+def mfcc_context(input_scale: str = 'fairseq') -> EvalContext:
+  """The `mfcc` baseline's context; `input_scale` as `MfccBaseline`."""
+  method = MfccBaseline(None, input_scale)
   return EvalContext(config=None, method=method, model=None, extra={},
                      predict=method.predict_fns(None, {}), normalize=False)
 

@@ -1,7 +1,9 @@
 """HuBERT-style masked prediction of k-means units (Hsu et al., 2021), iteration 1.
 
 Targets: k-means clusters of MFCC features (13 Kaldi MFCCs + deltas + delta-deltas = 39-d, 25 ms
-windows every 10 ms = 100 Hz), down-sampled x2 to the encoder's 50 Hz frames by taking every
+windows every 10 ms = 100 Hz, as fairseq's `dump_mfcc_feature.py`: samples in [-1, 1] by default,
+`config.method.mfcc_input_scale='kaldi'` for x 32768; deltas over each utterance's own frames,
+never the batch padding), down-sampled x2 to the encoder's 50 Hz frames by taking every
 other frame (MFCC frame 2t covers samples [320t, 320t + 400), exactly the receptive field of
 encoder frame t). The k-means model (centroids plus a feature mean/std: the per-dimension
 mean/std with `config.method.standardize_mfcc`, the experiments' choice, or zero/one = the raw
@@ -44,12 +46,28 @@ from jaxspeech.ops import kmeans as kmeans_ops
 from jaxspeech.ops import masking
 
 # ---------------------------------------------------------------------------------------------
-# MFCC features (Kaldi defaults as in torchaudio.compliance.kaldi.mfcc, which HuBERT's
-# `dump_mfcc_feature.py` uses; no dither).
+# MFCC features as fairseq's `examples/hubert/simple_kmeans/dump_mfcc_feature.py` computes them:
+# torchaudio.compliance.kaldi.mfcc (Kaldi defaults, use_energy=False, no dither) of one
+# utterance's samples in [-1, 1], then torchaudio.functional.compute_deltas (win_length=5,
+# replicate padding) of that utterance's [13, F] MFCCs and again of the deltas, concatenated to 39.
 
 WIN, HOP, N_FFT = 400, 160, 512  # 25 ms, 10 ms at 16 kHz; window rounded up to a power of two
 NUM_MEL, NUM_CEPS, LIFTER = 23, 13, 22.0
 PREEMPH = 0.97
+# What the waveform is multiplied by before the MFCCs. 'fairseq': samples as read, in [-1, 1]
+# (dump_mfcc_feature.py feeds torchaudio the float waveform); 'kaldi': x 32768, the int16 scale
+# of Kaldi's compute-mfcc-feats (this project's targets before Dec 2). The scale only adds
+# sqrt(23) * 2 log(scale) to c0 -- except where the mel energies hit the log floor (float32
+# eps): quiet frames, which then differ in c1-c12 too, so k-means on raw MFCCs moves.
+MFCC_INPUT_SCALES = {'fairseq': 1.0, 'kaldi': 32768.0}
+
+
+def input_scale_factor(input_scale: str) -> float:
+  """`MFCC_INPUT_SCALES[input_scale]`; a ValueError naming the choices otherwise."""
+  if input_scale not in MFCC_INPUT_SCALES:
+    raise ValueError(f'MFCC input scale {input_scale!r}: choose one of '
+                     f'{", ".join(MFCC_INPUT_SCALES)}')
+  return MFCC_INPUT_SCALES[input_scale]
 
 
 def _mel(f):
@@ -83,18 +101,29 @@ def kaldi_dct(num_bins: int = NUM_MEL, num_ceps: int = NUM_CEPS) -> np.ndarray:
   return (dct * lifter[None, :]).astype(np.float32)
 
 
-def num_mfcc_frames(num_samples: int) -> int:
-  return 1 + (num_samples - WIN) // HOP if num_samples >= WIN else 0
+def num_mfcc_frames(num_samples):
+  """MFCC frames of `num_samples` samples (Kaldi's snip_edges=True): an int for an int, an int32
+  array for an array of lengths (traceable)."""
+  if isinstance(num_samples, (int, np.integer)):
+    return 1 + (num_samples - WIN) // HOP if num_samples >= WIN else 0
+  n = jnp.asarray(num_samples, jnp.int32)
+  return jnp.where(n >= WIN, 1 + (n - WIN) // HOP, 0)
 
 
-def mfcc(wav: jax.Array) -> jax.Array:
-  """13 Kaldi MFCCs (use_energy=False) at 100 Hz. `[B, S]` float in [-1, 1] -> `[B, F, 13]`."""
+def mfcc(wav: jax.Array, input_scale: str = 'fairseq') -> jax.Array:
+  """13 Kaldi MFCCs (use_energy=False) at 100 Hz. `[B, S]` float in [-1, 1] -> `[B, F, 13]`.
+
+  Frames are independent, so frame f of a zero-padded utterance equals frame f of the utterance
+  alone for every f < `num_mfcc_frames(its length)`; the later frames cover padding."""
   b, s = wav.shape
   f = num_mfcc_frames(s)
   if f < 1:
     raise ValueError(f'mfcc: need at least {WIN} samples, got {s}')
+  scale = input_scale_factor(input_scale)
   idx = np.arange(f)[:, None] * HOP + np.arange(WIN)[None, :]  # [F, WIN]
-  frames = wav.astype(jnp.float32)[:, idx] * 32768.0  # [B, F, WIN] (Kaldi works on int16 scale)
+  frames = wav.astype(jnp.float32)[:, idx]  # [B, F, WIN]
+  if scale != 1.0:
+    frames = frames * scale
   frames = frames - jnp.mean(frames, axis=-1, keepdims=True)  # remove DC offset
   prev = jnp.concatenate([frames[..., :1], frames[..., :-1]], axis=-1)
   frames = frames - PREEMPH * prev  # pre-emphasis (Kaldi: x[0] - 0.97 x[0])
@@ -103,26 +132,50 @@ def mfcc(wav: jax.Array) -> jax.Array:
   spec = jnp.fft.rfft(frames, n=N_FFT, axis=-1)  # [B, F, N_FFT/2+1]
   power = jnp.real(spec) ** 2 + jnp.imag(spec) ** 2
   mel = power @ kaldi_mel_banks()  # [B, F, NUM_MEL]
-  logmel = jnp.log(jnp.maximum(mel, jnp.finfo(jnp.float32).eps))
+  logmel = jnp.log(jnp.maximum(mel, jnp.finfo(jnp.float32).eps))  # Kaldi's / torchaudio's floor
   return logmel @ kaldi_dct()  # [B, F, 13]
 
 
-def deltas(x: jax.Array, width: int = 2) -> jax.Array:
-  """torchaudio `compute_deltas` (win_length=5) along axis 1 with edge replication. `[B, F, C]`."""
+def deltas(x: jax.Array, lengths: jax.Array | None = None, width: int = 2) -> jax.Array:
+  """torchaudio `compute_deltas` (win_length = 2 * width + 1, replicate padding) along axis 1 of
+  every utterance's own frames: `x [B, F, C]`, `lengths [B]` valid frames (None = all F).
+
+  d_t = sum_n n (c_{min(t+n, L-1)} - c_{max(t-n, 0)}) / (2 sum_n n^2): the window is clamped at
+  the utterance's own last valid frame L-1, which is what replicate padding of the utterance
+  alone gives; padding frames are never read. Static shapes (gathers with clamped indices, no
+  slicing), so it jits once per padded length. Frames t >= L are set to 0."""
   f = x.shape[1]
-  padded = jnp.pad(x, ((0, 0), (width, width), (0, 0)), mode='edge')
+  t = jnp.arange(f)[None, :]  # [1, F]
+  if lengths is None:
+    last = jnp.full((x.shape[0], 1), f - 1, jnp.int32)
+  else:
+    last = jnp.maximum(jnp.asarray(lengths, jnp.int32) - 1, 0)[:, None]  # [B, 1]
   denom = 2.0 * sum(n * n for n in range(1, width + 1))
-  out = sum(n * (padded[:, width + n:width + n + f] - padded[:, width - n:width - n + f])
-            for n in range(1, width + 1))
-  return out / denom
+
+  def frames_at(i):  # [B, F] frame indices -> [B, F, C]
+    return jnp.take_along_axis(x, jnp.clip(i, 0, last)[..., None], axis=1)
+
+  out = sum(n * (frames_at(t + n) - frames_at(t - n)) for n in range(1, width + 1)) / denom
+  return jnp.where((t <= last)[..., None], out, 0.0) if lengths is not None else out
 
 
-def mfcc_targets_features(wav: jax.Array, num_frames: int) -> jax.Array:
-  """39-d MFCC + deltas + delta-deltas at the encoder's 50 Hz: `[B, S] -> [B, T, 39]`."""
-  c = mfcc(wav)  # [B, F, 13]
-  d = deltas(c)
-  dd = deltas(d)
-  feats = jnp.concatenate([c, d, dd], axis=-1)  # [B, F, 39]
+def mfcc_deltas(wav: jax.Array, lengths: jax.Array | None = None,
+                input_scale: str = 'fairseq') -> jax.Array:
+  """39-d MFCC + deltas + delta-deltas at 100 Hz, each utterance as fairseq computes it alone:
+  `wav [B, S]` zero-padded, `lengths [B]` samples (None = all S) -> `[B, F, 39]`. Frames at or
+  past `num_mfcc_frames(lengths)` are not the utterance's (MFCCs of padding, zero deltas)."""
+  c = mfcc(wav, input_scale)  # [B, F, 13]
+  n = None if lengths is None else num_mfcc_frames(lengths)  # [B] valid MFCC frames
+  d = deltas(c, n)
+  dd = deltas(d, n)
+  return jnp.concatenate([c, d, dd], axis=-1)  # [B, F, 39]
+
+
+def mfcc_targets_features(wav: jax.Array, num_frames: int, lengths: jax.Array | None = None,
+                          input_scale: str = 'fairseq') -> jax.Array:
+  """39-d MFCC + deltas + delta-deltas at the encoder's 50 Hz: `[B, S] -> [B, T, 39]`, deltas
+  over each utterance's own `lengths [B]` samples (None = all S, no padding)."""
+  feats = mfcc_deltas(wav, lengths, input_scale)  # [B, F, 39]
   if feats.shape[1] < 2 * num_frames - 1:
     raise ValueError(f'{feats.shape[1]} MFCC frames cannot cover {num_frames} encoder frames')
   return feats[:, 0:2 * num_frames:2]  # [B, T, 39] every other 100 Hz frame
@@ -183,6 +236,9 @@ class HubertPretraining(Method):
     if self.num_frames < 1:
       raise ConfigError(f'config.data.num_samples / bucket_lengths: {self.num_samples} samples '
                         'give no encoder frame')
+    if self.mfcc_input_scale not in MFCC_INPUT_SCALES:
+      raise ConfigError(f'config.method.mfcc_input_scale={self.mfcc_input_scale!r}: choose one of '
+                        f'{", ".join(MFCC_INPUT_SCALES)}')
 
   @property
   def _dropout(self) -> bool:
@@ -202,9 +258,23 @@ class HubertPretraining(Method):
     }
     return model, extra
 
-  def targets(self, kmeans: dict, wav: jax.Array) -> jax.Array:
-    """k-means unit of every encoder frame, `[B, S] -> [B, T]` int32 (no gradient)."""
-    feats = mfcc_targets_features(wav, self.enc_cfg.num_frames(wav.shape[1]))  # [B, T, 39]
+  @property
+  def mfcc_input_scale(self) -> str:
+    # Configs (and workdirs' config.json) from before Dec 2 have no key: their k-means was fitted
+    # on MFCCs of the waveform x 32768, so they keep that scale.
+    return str(self.config.method.get('mfcc_input_scale', 'kaldi'))
+
+  def target_features(self, wav: jax.Array, wav_mask: jax.Array | None = None) -> jax.Array:
+    """The 39-d MFCC features of every encoder frame, `[B, S] (+ mask [B, S]) -> [B, T, 39]`;
+    deltas over each utterance's valid samples (`wav_mask`; None = no padding)."""
+    lengths = None if wav_mask is None else jnp.sum(wav_mask, axis=-1)  # [B] samples
+    return mfcc_targets_features(wav, self.enc_cfg.num_frames(wav.shape[1]), lengths,
+                                 self.mfcc_input_scale)
+
+  def targets(self, kmeans: dict, wav: jax.Array, wav_mask: jax.Array | None = None) -> jax.Array:
+    """k-means unit of every encoder frame, `[B, S] (+ mask [B, S]) -> [B, T]` int32 (no
+    gradient)."""
+    feats = self.target_features(wav, wav_mask)  # [B, T, 39]
     feats = (feats - kmeans['mean']) / kmeans['std']
     b, t, c = feats.shape
     ids, _ = kmeans_ops.kmeans_assign(feats.reshape(b * t, c), kmeans['centroids'])
@@ -214,7 +284,7 @@ class HubertPretraining(Method):
     m = self.config.method
     wav, wav_mask = batch['audio'], batch['audio_mask']  # [B, S]
     mask_rng, drop_rng = jax.random.split(rng)
-    targets = self.targets(extra_state['kmeans'], wav)  # [B, T]
+    targets = self.targets(extra_state['kmeans'], wav, wav_mask)  # [B, T]
     frame_mask = model.encoder.config.frame_lengths(jnp.sum(wav_mask, axis=-1))  # [B]
     t = self.enc_cfg.num_frames(wav.shape[1])  # static per bucket length
     frame_mask = jnp.arange(t)[None, :] < frame_mask[:, None]  # [B, T]
@@ -245,13 +315,13 @@ class HubertPretraining(Method):
   def prepare(self, extra_state, batches: Iterator[dict[str, Any]]):
     """Fits the MFCC k-means on `config.method.kmeans_batches` host batches (scratch runs)."""
     m = self.config.method
-    feats_fn = jax.jit(lambda w: mfcc_targets_features(w, self.enc_cfg.num_frames(w.shape[1])))
+    feats_fn = jax.jit(self.target_features)
     rows = []
     for i, batch in zip(range(int(m.kmeans_batches)), batches):
       del i
-      audio = np.asarray(batch['audio'])
-      f = np.asarray(feats_fn(audio))  # [B, T, 39]
-      lengths = np.asarray(self.enc_cfg.frame_lengths(np.sum(np.asarray(batch['audio_mask']), -1)))
+      audio, audio_mask = np.asarray(batch['audio']), np.asarray(batch['audio_mask'])
+      f = np.asarray(feats_fn(audio, audio_mask))  # [B, T, 39]
+      lengths = np.asarray(self.enc_cfg.frame_lengths(np.sum(audio_mask, -1)))
       valid = np.arange(f.shape[1])[None, :] < lengths[:, None]
       rows.append(f[valid])
     if not rows:

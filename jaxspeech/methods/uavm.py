@@ -78,7 +78,9 @@ GREY_LEVELS = 16.0
 
 def mfcc_np(wav: np.ndarray) -> np.ndarray:
   """13 Kaldi MFCCs at 100 Hz of a 16 kHz clip in [-1, 1]. `[S] -> [F, 13]` (a clip shorter
-  than one 25 ms window is zero-padded to one)."""
+  than one 25 ms window is zero-padded to one). On Kaldi's int16 scale (`hubert.mfcc(...,
+  input_scale='kaldi')`), as the UAVM and CMCM numbers were measured; the clips are normalised
+  per dimension afterwards (`clip_features`)."""
   w = np.asarray(wav, np.float32)
   if w.shape[0] < hubert.WIN:
     w = np.pad(w, (0, hubert.WIN - w.shape[0]))

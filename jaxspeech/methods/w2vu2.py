@@ -336,7 +336,9 @@ def mfcc_cache(data_config) -> str:
   corpus = synth.built_in_corpus(str(data_config.cache_dir) or None, num_utterances=n)
   out = os.path.join(str(data_config.cache_dir) or synth.default_cache_dir(), 'w2vu_features',
                      f'synth-{n}-mfcc')
-  meta = {'source': 'mfcc', 'layer': 0, 'corpus': os.path.abspath(corpus)}
+  # mfcc_input_scale: caches made before Dec 2 (waveform x 32768) are rebuilt.
+  meta = {'source': 'mfcc', 'layer': 0, 'corpus': os.path.abspath(corpus),
+          'mfcc_input_scale': 'fairseq'}
   if not feature_cache.cache_is_complete(out, meta):
     rows = read_manifest(corpus)
     mf = utterance_mfccs([load_audio(r['path']) for r in rows])
@@ -344,16 +346,16 @@ def mfcc_cache(data_config) -> str:
   return os.path.join(out, 'manifest.jsonl')
 
 
-def utterance_mfccs(wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
-  """39-d MFCC + deltas at 50 Hz (HuBERT's iteration-1 features, `methods.hubert`) of each
-  waveform: one [T_i, 39] array, T_i = the tiny encoder's frame count. The 13 MFCCs are computed
-  on whole-second padded batches (few compilations) but the deltas only over each utterance's
-  own frames, so no frame sees the padding."""
+def utterance_mfccs(wavs: Sequence[np.ndarray], input_scale: str = 'fairseq') -> list[np.ndarray]:
+  """39-d MFCC + deltas at 50 Hz (HuBERT's iteration-1 features as fairseq computes them,
+  `methods.hubert.mfcc_deltas`; `input_scale` 'fairseq' = samples in [-1, 1], 'kaldi' = x 32768)
+  of each waveform: one [T_i, 39] array, T_i = the tiny encoder's frame count. Computed on
+  whole-second padded batches of one (few compilations), deltas over the utterance's own frames."""
   from jaxspeech.methods import hubert
   from jaxspeech.models.speech_encoder import EncoderConfig
 
   cfg = EncoderConfig.preset('tiny')  # only its conv geometry: 20 ms frames
-  mfcc = jax.jit(hubert.mfcc)
+  feats_fn = jax.jit(hubert.mfcc_deltas, static_argnums=2)
   out = []
   for w in wavs:
     t, f = cfg.num_frames(len(w)), hubert.num_mfcc_frames(len(w))
@@ -362,8 +364,6 @@ def utterance_mfccs(wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
     pad = -(-len(w) // 16000) * 16000
     x = np.zeros((1, pad), np.float32)
     x[0, :len(w)] = w
-    c = mfcc(jnp.asarray(x))[:, :f]  # [1, F, 13], frames inside the utterance only
-    d = hubert.deltas(c)
-    feats = jnp.concatenate([c, d, hubert.deltas(d)], axis=-1)[0]  # [F, 39]
+    feats = feats_fn(jnp.asarray(x), jnp.asarray([len(w)]), input_scale)[0]  # [F_pad, 39]
     out.append(np.asarray(feats[0:2 * t:2], np.float32))
   return out

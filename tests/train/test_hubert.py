@@ -113,3 +113,38 @@ def test_prepare_kmeans_raw_or_standardised(standardize):
   want = np.argmin(((z[:, None] - c[None]) ** 2).sum(-1), -1)
   got = np.asarray(method.targets(km, jnp.asarray(batches[0]['audio'])))[0, :16]
   np.testing.assert_array_equal(got, want)
+
+
+def test_targets_of_a_padded_utterance_are_its_own():
+  """targets() with the batch's audio mask: a padded utterance gets the units of its own frames
+  (the deltas of its last frames never read the padding); before Dec 2 they differed."""
+  config = small_config()
+  method = hubert.HubertPretraining(config)
+  assert method.mfcc_input_scale == 'fairseq'
+  wav = _wav(2, 4800, seed=3)
+  wav[1, 3000:] = 0.0
+  mask = np.ones((2, 4800), bool)
+  mask[1, 3000:] = False
+  feats = np.asarray(method.target_features(jnp.asarray(wav), jnp.asarray(mask)))  # [2, T, 39]
+  t1 = method.enc_cfg.num_frames(3000)
+  alone = np.asarray(hubert.mfcc_targets_features(jnp.asarray(wav[1:, :3000]), t1))[0]
+  np.testing.assert_allclose(feats[1, :t1], alone, rtol=1e-4, atol=2e-3)
+  km = {'centroids': jnp.asarray(alone[::2]), 'mean': jnp.zeros(39), 'std': jnp.ones(39)}
+  units = np.asarray(jax.jit(method.targets)(km, jnp.asarray(wav), jnp.asarray(mask)))
+  np.testing.assert_array_equal(units[1, :t1:2], np.arange(len(alone[::2])))
+
+
+def test_mfcc_input_scale_config():
+  from jaxspeech.errors import ConfigError
+
+  config = small_config()
+  config.method.mfcc_input_scale = 'kaldi'
+  assert hubert.HubertPretraining(config).mfcc_input_scale == 'kaldi'
+  config.method.mfcc_input_scale = 'int16'
+  with pytest.raises(ConfigError, match='mfcc_input_scale'):
+    hubert.HubertPretraining(config)
+  # A config (or a workdir's config.json) from before the key: its k-means saw x 32768.
+  config = small_config()
+  config.unlock()
+  del config.method['mfcc_input_scale']
+  assert hubert.HubertPretraining(config).mfcc_input_scale == 'kaldi'
