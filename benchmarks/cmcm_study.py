@@ -36,9 +36,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
+
+from benchmarks import seed_study
 
 VARIANTS = ('on', 'off')
 DIRS = ('a2i', 'i2a')
@@ -78,45 +79,16 @@ def cooccurrence(workdir: str) -> dict[str, list]:
 
 
 def run_one(out_dir: str, variant: str, seed: int, steps: int | None) -> dict:
-  from jaxspeech.train import trainer
-
-  workdir = os.path.join(out_dir, f'{variant}_s{seed}')
-  record = os.path.join(workdir, 'study_run.json')  # a finished run is reused as it is
   config = run_config(variant, seed, steps)
-  if os.path.exists(record):
-    trainer.train_and_evaluate(config, workdir)  # refuses a changed config; else nothing to do
-    with open(record) as f:
-      return json.load(f)
-  t = time.perf_counter()
-  metrics = trainer.train_and_evaluate(config, workdir)
-  r = {'variant': variant, 'seed': seed, 'workdir': workdir,
-       'cmcm_weight': float(config.method.cmcm_weight),
-       'wall_s': round(time.perf_counter() - t, 1)}
-  for k, v in metrics.items():
-    if k.startswith('eval/test/'):
-      r[k.removeprefix('eval/test/')] = float(v)
-  r['train_loss'] = float(metrics.get('loss', np.nan))
-  r['summary_loss'] = float(metrics.get('summary_loss', np.nan))
-  r['cooccurrence'] = cooccurrence(workdir)
-  with open(record, 'w') as f:
-    json.dump(r, f)
-  return r
+  extra = lambda workdir, metrics: {  # noqa: E731
+    'cmcm_weight': float(config.method.cmcm_weight),
+    'summary_loss': float(metrics.get('summary_loss', np.nan)),
+    'cooccurrence': cooccurrence(workdir)}
+  return seed_study.run_record(out_dir, variant, seed, config, extra)
 
 
 def summarize(runs: list[dict]) -> dict:
-  out = {}
-  for v in VARIANTS:
-    rs = [r for r in runs if r['variant'] == v]
-    if not rs:
-      continue
-    out[v] = {}
-    for k in SUMMARY_KEYS:
-      if k not in rs[0]:
-        continue
-      x = np.asarray([r[k] for r in rs], np.float64)
-      out[v][k] = {'mean': float(x.mean()), 'std': float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-                   'min': float(x.min()), 'max': float(x.max()), 'n': int(len(x))}
-  return out
+  return seed_study.summarize(runs, VARIANTS, lambda r: [k for k in SUMMARY_KEYS if k in r])
 
 
 def checks(runs: list[dict], summary: dict) -> dict:

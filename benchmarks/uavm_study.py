@@ -27,9 +27,10 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
+
+from benchmarks import seed_study
 
 VARIANTS = ('shared', 'separate', 'fusion')
 ACCS = ('audio', 'visual', 'av')
@@ -53,41 +54,12 @@ def run_config(variant: str, seed: int, steps: int | None, upper_dim: int | None
 
 def run_one(out_dir: str, variant: str, seed: int, steps: int | None,
             upper_dim: int | None = None) -> dict:
-  from jaxspeech.train import trainer
-
-  workdir = os.path.join(out_dir, f'{variant}_s{seed}')
-  record = os.path.join(workdir, 'study_run.json')  # a finished run is reused as it is
-  config = run_config(variant, seed, steps, upper_dim)
-  if os.path.exists(record):
-    trainer.train_and_evaluate(config, workdir)  # refuses a changed config; else nothing to do
-    with open(record) as f:
-      return json.load(f)
-  t = time.perf_counter()
-  metrics = trainer.train_and_evaluate(config, workdir)
-  r = {'variant': variant, 'seed': seed, 'workdir': workdir,
-       'wall_s': round(time.perf_counter() - t, 1)}
-  for k, v in metrics.items():
-    if k.startswith('eval/test/'):
-      r[k.removeprefix('eval/test/')] = float(v)
-  r['train_loss'] = float(metrics.get('loss', np.nan))
-  with open(record, 'w') as f:
-    json.dump(r, f)
-  return r
+  return seed_study.run_record(out_dir, variant, seed, run_config(variant, seed, steps, upper_dim))
 
 
 def summarize(runs: list[dict]) -> dict:
-  out = {}
-  for v in VARIANTS:
-    rs = [r for r in runs if r['variant'] == v]
-    if not rs:
-      continue
-    keys = [k for k in rs[0] if k in ACCS or k.startswith('probe/')]
-    out[v] = {}
-    for k in keys:
-      x = np.asarray([r[k] for r in rs], np.float64)
-      out[v][k] = {'mean': float(x.mean()), 'std': float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-                   'min': float(x.min()), 'max': float(x.max()), 'n': int(len(x))}
-  return out
+  return seed_study.summarize(runs, VARIANTS,
+                              lambda r: [k for k in r if k in ACCS or k.startswith('probe/')])
 
 
 def upper_layers(num_layers: int, depth_i: int) -> list[int]:

@@ -59,13 +59,7 @@ from flax import nnx
 
 from jaxspeech.errors import ConfigError
 from jaxspeech.methods.base import Method
-from jaxspeech.methods.uavm import (
-  AUDIO_INPUTS,
-  IMAGE_SIDE,
-  VISUAL_INPUTS,
-  pair_default_manifest,
-  pair_host_fields,
-)
+from jaxspeech.methods.uavm import pair_default_manifest, pair_host_fields, pair_inputs
 from jaxspeech.models.cmcm_nets import CMCMConfig, CrossModalEncoder
 from jaxspeech.ops import codebook as cb_ops
 from jaxspeech.ops import vq
@@ -111,19 +105,7 @@ class Cmcm(Method):
   def __init__(self, config):
     super().__init__(config)
     m = config.method
-    self.audio_input, self.visual_input = str(m.audio_input), str(m.visual_input)
-    if self.audio_input not in AUDIO_INPUTS:
-      raise ConfigError(f'config.method.audio_input={self.audio_input!r}: one of {AUDIO_INPUTS}')
-    if self.visual_input not in VISUAL_INPUTS:
-      raise ConfigError(f'config.method.visual_input={self.visual_input!r}: one of '
-                        f'{VISUAL_INPUTS}')
-    if self.audio_input == 'mfcc' and int(m.audio_dim) != 39:
-      raise ConfigError(f'config.method.audio_dim={int(m.audio_dim)}: MFCC frames have 39 '
-                        'features (13 + deltas + delta-deltas)')
-    if self.visual_input == 'image_rows' and (int(m.visual_dim), int(m.visual_frames)) != (
-        IMAGE_SIDE, IMAGE_SIDE):
-      raise ConfigError(f'config.method.visual_dim / visual_frames = {int(m.visual_dim)} / '
-                        f'{int(m.visual_frames)}: image rows are 8 frames of 8 features')
+    self.audio_input, self.visual_input = pair_inputs(m)
     self.num_classes = int(m.num_classes)
     self.codebook_size = int(m.codebook_size)
     if self.codebook_size < 2:

@@ -150,19 +150,7 @@ class Uavm(Method):
     self.sharing = str(m.sharing)
     if self.sharing not in SHARING:
       raise ConfigError(f'config.method.sharing={self.sharing!r}: one of {SHARING}')
-    self.audio_input, self.visual_input = str(m.audio_input), str(m.visual_input)
-    if self.audio_input not in AUDIO_INPUTS:
-      raise ConfigError(f'config.method.audio_input={self.audio_input!r}: one of {AUDIO_INPUTS}')
-    if self.visual_input not in VISUAL_INPUTS:
-      raise ConfigError(f'config.method.visual_input={self.visual_input!r}: one of '
-                        f'{VISUAL_INPUTS}')
-    if self.audio_input == 'mfcc' and int(m.audio_dim) != 39:
-      raise ConfigError(f'config.method.audio_dim={int(m.audio_dim)}: MFCC frames have 39 '
-                        'features (13 + deltas + delta-deltas)')
-    if self.visual_input == 'image_rows' and (int(m.visual_dim), int(m.visual_frames)) != (
-        IMAGE_SIDE, IMAGE_SIDE):
-      raise ConfigError(f'config.method.visual_dim / visual_frames = {int(m.visual_dim)} / '
-                        f'{int(m.visual_frames)}: image rows are 8 frames of 8 features')
+    self.audio_input, self.visual_input = pair_inputs(m)
     self.audio_prob = float(m.audio_prob)
     if not 0.0 <= self.audio_prob <= 1.0:
       raise ConfigError(f'config.method.audio_prob={self.audio_prob}: must be in [0, 1]')
@@ -253,6 +241,23 @@ class Uavm(Method):
 
     return {'labels': lambda batch: jnp.argmax(av_logits(batch, 'av'), -1).astype(jnp.int32),
             'av_logits': av_logits, 'av_layers': av_layers}
+
+
+def pair_inputs(m) -> tuple[str, str]:
+  """`config.method`'s (audio_input, visual_input), checked against the feature sizes."""
+  audio_input, visual_input = str(m.audio_input), str(m.visual_input)
+  if audio_input not in AUDIO_INPUTS:
+    raise ConfigError(f'config.method.audio_input={audio_input!r}: one of {AUDIO_INPUTS}')
+  if visual_input not in VISUAL_INPUTS:
+    raise ConfigError(f'config.method.visual_input={visual_input!r}: one of {VISUAL_INPUTS}')
+  if audio_input == 'mfcc' and int(m.audio_dim) != 39:
+    raise ConfigError(f'config.method.audio_dim={int(m.audio_dim)}: MFCC frames have 39 '
+                      'features (13 + deltas + delta-deltas)')
+  if visual_input == 'image_rows' and (int(m.visual_dim), int(m.visual_frames)) != (
+      IMAGE_SIDE, IMAGE_SIDE):
+    raise ConfigError(f'config.method.visual_dim / visual_frames = {int(m.visual_dim)} / '
+                      f'{int(m.visual_frames)}: image rows are 8 frames of 8 features')
+  return audio_input, visual_input
 
 
 def pair_host_fields(row: dict, audio_input: str, visual_input: str, audio_frames: int,

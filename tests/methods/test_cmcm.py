@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxspeech.ops import vq
 from tests.data_pipelines.conftest import shared
+from tests.methods.av_common import short_run_losses, write_pairs_manifest
 
 B = 6
 
@@ -242,38 +243,10 @@ def test_host_fields_and_config_errors():
 def test_a_few_steps_of_the_one_train_step_reduce_the_loss(tmp_path):
   """30 steps of the shared train step on 32 real pairs (repeated): the loss of the last steps is
   below that of the first ones, for CMCM on and its summary-only baseline."""
-  import soundfile as sf
-
-  from data_pipelines import av_pairs
-  from data_pipelines.manifest import write_manifest
-  from data_pipelines.tabular import digits_rows
-  from jaxspeech.methods.base import get_method
-  from jaxspeech.train import data as data_lib
-  from jaxspeech.train import partitioning
-  from jaxspeech.train import step as step_lib
-
-  audio = []
-  for k in range(32):  # 32 clips of 4 training speakers, every digit
-    name = f'{k % 10}_{("george", "jackson", "theo", "yweweler")[k % 4]}_{k}'
-    path = shared('fsdd', 'recordings', f'{name}.wav')
-    audio.append({'id': name, 'path': path, 'n_samples': sf.info(path).frames,
-                  'sample_rate': 8000, 'speaker': name.split('_')[1], 'digit': k % 10})
-  rows = av_pairs.pair_rows(audio, digits_rows(0.2, 0), test_speakers=(), seed=0)
-  write_manifest(tmp_path / 'm.jsonl', rows)
+  manifest = write_pairs_manifest(tmp_path / 'm.jsonl')
   for weight in (1.0, 0.0):
     c = small_config(audio_frames=40, cmcm_weight=weight)
-    c.data.manifest = str(tmp_path / 'm.jsonl')
+    c.data.manifest = manifest
     c.optim.learning_rate = 3e-3
-    method = get_method(c)
-    mesh = partitioning.create_mesh(c.mesh, devices=jax.devices()[:1])
-    setup = step_lib.build_setup(c, method, mesh)
-    state = step_lib.create_train_state(setup, jax.random.key(0))
-    it = data_lib.make_iterator(c, mesh, method=method)
-    step, losses = None, []
-    for _ in range(30):
-      batch = data_lib.to_global(next(it), mesh, method.batch_spec(c))
-      step = step or step_lib.jit_train_step(setup, batch)
-      state, m = step(state, batch)
-      losses.append(float(m['loss']))
-    assert np.isfinite(losses).all()
+    losses = short_run_losses(c, 30)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, (weight, losses)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxspeech.models.av_nets import AVClassifier, AVConfig
 from tests.data_pipelines.conftest import shared
+from tests.methods.av_common import short_run_losses, write_pairs_manifest
 
 # One transformer block per path (depth_i 0 + depth_s 1) keeps the compilations short.
 SMALL = AVConfig(audio_dim=39, visual_dim=8, audio_frames=12, visual_frames=8, num_classes=10,
@@ -238,39 +239,10 @@ def test_one_modality_per_step():
 def test_a_few_steps_of_the_one_train_step_reduce_the_loss(tmp_path, sharing):
   """20 steps of the shared train step on 32 real pairs (repeated): the loss of the last steps is
   below that of the first ones."""
-  import soundfile as sf
-
-  from data_pipelines import av_pairs
-  from data_pipelines.manifest import write_manifest
-  from data_pipelines.tabular import digits_rows
-  from jaxspeech.methods.base import get_method
-  from jaxspeech.train import data as data_lib
-  from jaxspeech.train import partitioning
-  from jaxspeech.train import step as step_lib
-
-  audio = []
-  for k in range(32):  # 32 clips of 4 training speakers, every digit
-    name = f'{k % 10}_{("george", "jackson", "theo", "yweweler")[k % 4]}_{k}'
-    path = shared('fsdd', 'recordings', f'{name}.wav')
-    audio.append({'id': name, 'path': path, 'n_samples': sf.info(path).frames,
-                  'sample_rate': 8000, 'speaker': name.split('_')[1], 'digit': k % 10})
-  rows = av_pairs.pair_rows(audio, digits_rows(0.2, 0), test_speakers=(), seed=0)
-  write_manifest(tmp_path / 'm.jsonl', rows)
   c = small_config(sharing=sharing)
-  c.data.manifest = str(tmp_path / 'm.jsonl')
+  c.data.manifest = write_pairs_manifest(tmp_path / 'm.jsonl')
   c.optim.learning_rate = 3e-3
-  method = get_method(c)
-  mesh = partitioning.create_mesh(c.mesh, devices=jax.devices()[:1])
-  setup = step_lib.build_setup(c, method, mesh)
-  state = step_lib.create_train_state(setup, jax.random.key(0))
-  it = data_lib.make_iterator(c, mesh, method=method)
-  step, losses = None, []
-  for _ in range(20):
-    batch = data_lib.to_global(next(it), mesh, method.batch_spec(c))
-    step = step or step_lib.jit_train_step(setup, batch)
-    state, m = step(state, batch)
-    losses.append(float(m['loss']))
-  assert np.isfinite(losses).all()
+  losses = short_run_losses(c, 20)
   assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2, losses
 
 
