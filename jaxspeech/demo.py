@@ -126,11 +126,13 @@ def export_encoder(workdir: str, out_dir: str, label: str | None = None) -> None
 # Evaluation.
 
 
-def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs) -> dict[str, float]:
+def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs,
+                   fit_rows=None) -> dict[str, float]:
   """All metrics of one model (`ctx`: its `jaxspeech.workdir.load_context`), and of its own
   units when its method predicts them ('units'). k-means is fitted on `fit_wavs` (the training
   speakers' utterances, fairseq's protocol), and for reference also on the evaluated utterances
-  themselves (`kmeans_fit_heldout_pnmi`)."""
+  themselves (`kmeans_fit_heldout_pnmi`). With `fit_rows`, the speaker probes are also run over
+  every voice (`*_all`: the utterances of `fit_wavs` and `wavs`; two held-out voices saturate)."""
   from jaxspeech.eval import abx, common, speaker_probe
   from jaxspeech.eval import units as units_lib
 
@@ -144,6 +146,17 @@ def evaluate_model(name: str, ctx, wavs, rows, k: int, fit_wavs) -> dict[str, fl
   res['speaker_acc_frame'] = probes['frame_accuracy']
   logging.info('  %s: speaker probes %.3f (utterance) %.3f (frame) [%.0f s]', name,
                res['speaker_acc_utterance'], res['speaker_acc_frame'], time.perf_counter() - t0)
+  if fit_rows is not None:
+    every = speaker_probe.probe_features(
+      common.layer_outputs(ctx, fit_wavs, layer) + list(feats),
+      np.array([r['speaker'] for r in fit_rows] + list(speakers)),
+      frames_per_utt=_FRAMES_PER_UTT.value)
+    res['speaker_acc_utterance_all'] = every['accuracy']
+    res['speaker_acc_frame_all'] = every['frame_accuracy']
+    res['speaker_probe_all_voices'] = every['num_speakers']
+    logging.info('  %s: speaker probes over %d voices %.3f (utterance) %.3f (frame) [%.0f s]',
+                 name, every['num_speakers'], res['speaker_acc_utterance_all'],
+                 res['speaker_acc_frame_all'], time.perf_counter() - t0)
   km = units_lib.evaluate_units(ctx, wavs, rows, layer, k, fit_wavs=fit_wavs)
   res.update({f'kmeans_{key}': v for key, v in km.items()})
   res['kmeans_fit_heldout_pnmi'] = units_lib.evaluate_units(ctx, wavs, rows, layer, k)['pnmi']
@@ -171,6 +184,10 @@ ROWS = (
    'speaker_acc_utterance'),
   ('speaker-ID probe acc., single frames (lower = more invariant)', 'speaker_acc_frame',
    'speaker_acc_frame'),
+  ('  the same over all 8 voices (held-out utterances), utterance means',
+   'speaker_acc_utterance_all', 'speaker_acc_utterance_all'),
+  ('  the same over all 8 voices (held-out utterances), single frames', 'speaker_acc_frame_all',
+   'speaker_acc_frame_all'),
   ('PNMI: initial k-means vs Spin units (same K)', 'kmeans_pnmi', 'units_pnmi'),
   ('  (k-means fitted on the held-out frames themselves)', 'kmeans_fit_heldout_pnmi',
    'kmeans_fit_heldout_pnmi'),
@@ -244,14 +261,15 @@ def run(workdir: str) -> dict:
     wavs = [load_audio(r['path']) for r in rows]
     # k-means is fitted on the training speakers and labels the held-out ones (fairseq's
     # protocol: learn_kmeans.py on training data); Spin's codebook was learned on them too.
-    fit_wavs = [load_audio(r['path']) for r in common.load_rows(manifest, FIT_SPLIT, False)]
+    fit_rows = common.load_rows(manifest, FIT_SPLIT, False)
+    fit_wavs = [load_audio(r['path']) for r in fit_rows]
     k = int(spin_cfg.method.codebook_size)
     logging.info('%d utterances of %s; k-means fitted on the %d utterances of split %r',
                  len(rows), sorted({r['speaker'] for r in rows}), len(fit_wavs), FIT_SPLIT)
     initial = evaluate_model('initial', workdir_lib.load_context(
-      init_dir, label=f'the initial encoder {init_dir}'), wavs, rows, k, fit_wavs)
+      init_dir, label=f'the initial encoder {init_dir}'), wavs, rows, k, fit_wavs, fit_rows)
     spin = evaluate_model('Spin', workdir_lib.load_context(
-      spin_dir, label=f'the Spin run {spin_dir}'), wavs, rows, k, fit_wavs)
+      spin_dir, label=f'the Spin run {spin_dir}'), wavs, rows, k, fit_wavs, fit_rows)
 
   table = format_table(initial, spin, k)
   result = {
