@@ -195,7 +195,6 @@ def draw_cooccurrence(counts: dict[str, np.ndarray], path: str, title: str = '',
 
 
 def main(argv=None) -> int:
-  from absl import logging
 
   p = argparse.ArgumentParser(prog='python -m benchmarks.cmcm_study',
                               description=__doc__.split('\n')[0])
@@ -204,19 +203,10 @@ def main(argv=None) -> int:
   p.add_argument('--variants', default=','.join(VARIANTS))
   p.add_argument('--steps', type=int, default=0, help='train.num_steps (0 = the tiny config)')
   a = p.parse_args(argv)
+  runs = seed_study.run_grid(
+    p, a, VARIANTS, lambda v, seed: run_one(a.out, v, seed, a.steps or None),
+    lambda r: {k: x for k, x in r.items() if k != 'cooccurrence'})
   variants = a.variants.split(',')
-  bad = sorted(set(variants) - set(VARIANTS))
-  if bad:
-    p.error(f'--variants: unknown {bad} (of {VARIANTS})')
-  seeds = [int(s) for s in a.seeds.split(',')]
-  logging.set_verbosity(logging.WARNING)
-  os.makedirs(a.out, exist_ok=True)
-  runs = []
-  for seed in seeds:
-    for v in variants:
-      r = run_one(a.out, v, seed, a.steps or None)
-      print(json.dumps({k: x for k, x in r.items() if k != 'cooccurrence'}), flush=True)
-      runs.append(r)
   summary = summarize(runs)
   pngs = {}
   for v in variants:

@@ -56,3 +56,23 @@ def summarize(runs: list[dict], variants: Iterable[str],
     if rs:
       out[v] = {k: spread(r[k] for r in rs) for k in keys(rs[0])}
   return out
+
+
+def run_grid(parser, args, variants_all, run: Callable[[str, int], dict],
+             show: Callable[[dict], dict] = lambda r: r) -> list[dict]:
+  """Every (seed, variant) of `args.seeds` / `args.variants` (comma lists; an unknown variant is
+  `parser.error`) through `run(variant, seed)`, each record printed as it comes (`show`)."""
+  from absl import logging
+
+  variants = args.variants.split(',')
+  bad = sorted(set(variants) - set(variants_all))
+  if bad:
+    parser.error(f'--variants: unknown {bad} (of {tuple(variants_all)})')
+  logging.set_verbosity(logging.WARNING)
+  os.makedirs(args.out, exist_ok=True)
+  runs = []
+  for seed in (int(x) for x in args.seeds.split(',')):
+    for v in variants:
+      runs.append(run(v, seed))
+      print(json.dumps(show(runs[-1])), flush=True)
+  return runs

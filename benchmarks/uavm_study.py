@@ -118,7 +118,6 @@ def tables(runs: list[dict], summary: dict, depth_i: int) -> str:
 
 
 def main(argv=None) -> int:
-  from absl import logging
 
   p = argparse.ArgumentParser(prog='python -m benchmarks.uavm_study',
                               description=__doc__.split('\n')[0])
@@ -130,22 +129,13 @@ def main(argv=None) -> int:
                  help="method.upper_dim, the upper stages' width (-1 = the tiny config's; "
                  '0 = the modality stages\' width)')
   a = p.parse_args(argv)
+  upper_dim = None if a.upper_dim < 0 else a.upper_dim
+  runs = seed_study.run_grid(p, a, VARIANTS,
+                             lambda v, seed: run_one(a.out, v, seed, a.steps or None, upper_dim))
   variants = a.variants.split(',')
-  bad = sorted(set(variants) - set(VARIANTS))
-  if bad:
-    p.error(f'--variants: unknown {bad} (of {VARIANTS})')
-  seeds = [int(s) for s in a.seeds.split(',')]
-  logging.set_verbosity(logging.WARNING)
-  os.makedirs(a.out, exist_ok=True)
-  runs = []
-  for seed in seeds:
-    for v in variants:
-      r = run_one(a.out, v, seed, a.steps or None, None if a.upper_dim < 0 else a.upper_dim)
-      print(json.dumps(r), flush=True)
-      runs.append(r)
   depth_i = int(run_config(variants[0], 0, None).method.depth_i)
   summary = summarize(runs)
-  c = run_config(variants[0], 0, a.steps or None, None if a.upper_dim < 0 else a.upper_dim)
+  c = run_config(variants[0], 0, a.steps or None, upper_dim)
   result = {'runs': runs, 'summary': summary, 'checks': checks(runs, summary, depth_i),
             'steps': int(c.train.num_steps), 'dim': int(c.method.dim),
             'upper_dim': int(c.method.upper_dim) or int(c.method.dim)}

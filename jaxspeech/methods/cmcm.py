@@ -59,7 +59,12 @@ from flax import nnx
 
 from jaxspeech.errors import ConfigError
 from jaxspeech.methods.base import Method
-from jaxspeech.methods.uavm import pair_default_manifest, pair_host_fields, pair_inputs
+from jaxspeech.methods.uavm import (
+  pair_default_manifest,
+  pair_host_fields,
+  pair_inputs,
+  pair_row_fields,
+)
 from jaxspeech.models.cmcm_nets import CMCMConfig, CrossModalEncoder
 from jaxspeech.ops import codebook as cb_ops
 from jaxspeech.ops import vq
@@ -149,14 +154,7 @@ class Cmcm(Method):
   # --- data --------------------------------------------------------------------------------------
 
   def row_fields(self):
-    c = self.model_config
-    return {
-      'audio_feats': jax.ShapeDtypeStruct((c.audio_frames, c.audio_dim), jnp.float32),
-      'audio_feats_mask': jax.ShapeDtypeStruct((c.audio_frames,), jnp.bool_),
-      'visual_feats': jax.ShapeDtypeStruct((c.visual_frames, c.visual_dim), jnp.float32),
-      'visual_feats_mask': jax.ShapeDtypeStruct((c.visual_frames,), jnp.bool_),
-      'label': jax.ShapeDtypeStruct((), jnp.int32),
-    }
+    return pair_row_fields(self.model_config)
 
   def host_fields(self, row):
     """The paired fields of `uavm.pair_host_fields`; a row without "label" (e.g. Places

@@ -174,14 +174,7 @@ class Uavm(Method):
   # --- data --------------------------------------------------------------------------------------
 
   def row_fields(self):
-    c = self.model_config
-    return {
-      'audio_feats': jax.ShapeDtypeStruct((c.audio_frames, c.audio_dim), jnp.float32),
-      'audio_feats_mask': jax.ShapeDtypeStruct((c.audio_frames,), jnp.bool_),
-      'visual_feats': jax.ShapeDtypeStruct((c.visual_frames, c.visual_dim), jnp.float32),
-      'visual_feats_mask': jax.ShapeDtypeStruct((c.visual_frames,), jnp.bool_),
-      'label': jax.ShapeDtypeStruct((), jnp.int32),
-    }
+    return pair_row_fields(self.model_config)
 
   def host_fields(self, row):
     c, m = self.model_config, self.config.method
@@ -241,6 +234,18 @@ class Uavm(Method):
 
     return {'labels': lambda batch: jnp.argmax(av_logits(batch, 'av'), -1).astype(jnp.int32),
             'av_logits': av_logits, 'av_layers': av_layers}
+
+
+def pair_row_fields(c) -> dict[str, jax.ShapeDtypeStruct]:
+  """The fixed-shape fields of one audio-visual pair row for model config `c` (its
+  audio/visual frames and widths)."""
+  return {
+    'audio_feats': jax.ShapeDtypeStruct((c.audio_frames, c.audio_dim), jnp.float32),
+    'audio_feats_mask': jax.ShapeDtypeStruct((c.audio_frames,), jnp.bool_),
+    'visual_feats': jax.ShapeDtypeStruct((c.visual_frames, c.visual_dim), jnp.float32),
+    'visual_feats_mask': jax.ShapeDtypeStruct((c.visual_frames,), jnp.bool_),
+    'label': jax.ShapeDtypeStruct((), jnp.int32),
+  }
 
 
 def pair_inputs(m) -> tuple[str, str]:
