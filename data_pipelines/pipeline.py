@@ -21,7 +21,7 @@ iterator state (a position) restores the exact stream: Orbax saves it with
 `grain.checkpoint.CheckpointSave(iterator)`.
 
 Batch fields (B = batch_size // process_count, L = bucket length in samples):
-  audio            float32 [B, L]   normalised waveform, 0 in padding
+  audio            float32 [B, L]   normalised waveform (`normalize`), 0 in padding
   audio_mask       bool    [B, L]   True = real sample
   audio_perturbed  float32 [B, L]   (perturb="praat"/"jax") the speaker-perturbed view, same mask
   speaker_id       int32   [B]      index into `speaker_index(rows)` (or the given mapping)
@@ -49,8 +49,9 @@ from jaxspeech.audio import (
   AudioError,
   load_audio,
   missing_reason,
-  normalize_waveform,
+  normalization,
   resample,
+  scale_waveform,
 )
 
 PERTURB_MODES = (None, "praat", "jax")
@@ -255,7 +256,7 @@ class _LoadBatch:
                row_spec=None):  # fmt: skip
     self.source, self.bucket_lengths = source, tuple(sorted(bucket_lengths))
     self.speaker_to_id, self.seed, self.host_slice = speaker_to_id, seed, host_slice
-    self.normalize, self.perturb = normalize, perturb
+    self.normalize, self.perturb = normalization(normalize), perturb
     self.label_frame_rate, self.phone_to_id = label_frame_rate, phone_to_id
     self.row_fields, self.row_spec = row_fields, row_spec or {}
 
@@ -341,9 +342,7 @@ class _LoadBatch:
     return out
 
   def _norm(self, wav: np.ndarray) -> np.ndarray:
-    if not self.normalize:
-      return wav
-    return normalize_waveform(wav)  # as HF Wav2Vec2FeatureExtractor
+    return scale_waveform(wav, self.normalize)
 
   def _jax_perturb(self, g, raw, mask):
     import jax  # the worker's CPU; on an accelerator call jaxspeech.ops.perturb in the step
@@ -353,7 +352,10 @@ class _LoadBatch:
     with jax.default_device(jax.devices("cpu")[0]):
       key = jax.random.fold_in(jax.random.key(self.seed), g)
       y = np.asarray(perturb_batch(key, raw, mask))  # [B, L]
-    if self.normalize:
+    if self.normalize == "peak":
+      y = np.where(mask, y, 0.0)
+      y = 0.95 * y / np.maximum(np.abs(y).max(1, keepdims=True), 1e-8)
+    elif self.normalize == "standard":
       n = np.maximum(mask.sum(1, keepdims=True), 1)  # [B, 1]
       mean = (y * mask).sum(1, keepdims=True) / n
       var = (((y - mean) * mask) ** 2).sum(1, keepdims=True) / n
@@ -384,7 +386,7 @@ def make_dataset(
   perturb: str | None = None,
   worker_count: int = 0,
   worker_buffer_size: int = 2,
-  normalize: bool = True,
+  normalize: bool | str = True,
   drop_remainder: bool = True,
   speaker_to_id: dict[str, int] | None = None,
   label_frame_rate: float | None = None,
@@ -404,6 +406,9 @@ def make_dataset(
     seed: seeds the batch plan, crops and perturbation.
     shuffle: shuffle utterances within buckets and batches across buckets, per epoch.
     num_epochs: passes over the data; None repeats forever.
+    normalize: per-utterance waveform scaling: True / "standard" zero mean, unit variance (HF
+      Wav2Vec2FeatureExtractor; the SSL methods), "peak" peak at 0.95 (HiFi-GAN's
+      `normalize(audio) * 0.95`; synthesis), False / "none" as read.
     perturb: None, "praat" (parselmouth + IIR EQ per utterance in the workers) or "jax" (the
       jit-compiled `jaxspeech.ops.perturb` on the worker's CPU, whole batch at once).
     worker_count: Grain worker processes (0 = in the calling process). With workers the

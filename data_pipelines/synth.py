@@ -169,16 +169,31 @@ def check_tools(voices) -> None:
     )
 
 
-def render(text: str, spk: Speaker) -> tuple[np.ndarray, list[list], int]:
-  """Synthesises `text`. Returns (int16 audio [S] at 16 kHz, alignment, raw sample count)."""
+def espeak_pho(text: str, spk: Speaker) -> str:
+  """espeak-ng's MBROLA script (.pho) of `text` for speaker `spk` (its voice, pitch, rate)."""
   pho = subprocess.run(
     ["espeak-ng", "-v", f"mb-{spk.voice}", "-q", "--pho", "-p", str(spk.pitch),
      "-s", str(spk.rate), text],
     check=True, capture_output=True, text=True,
   ).stdout  # fmt: skip
-  segments = parse_pho(pho)
-  if not segments:
+  if not parse_pho(pho):
     raise RuntimeError(f"espeak-ng printed no phones for voice mb-{spk.voice}: {text!r}")
+  return pho
+
+
+def text_to_phones(text: str, speaker: str = "us1") -> list[str]:
+  """The phone sequence (silences `_` included, as in the corpus's alignments) that `render`
+  would speak for `text` with speaker `speaker`: what a TTS model trained here reads."""
+  check_tools([])  # espeak-ng (and mbrola) on PATH
+  if speaker not in SPEAKERS:
+    raise ValueError(f"unknown speaker {speaker!r}; choose from {sorted(SPEAKERS)}")
+  return [p for p, _, _ in pho_to_alignment(parse_pho(espeak_pho(text, SPEAKERS[speaker])))]
+
+
+def render(text: str, spk: Speaker) -> tuple[np.ndarray, list[list], int]:
+  """Synthesises `text`. Returns (int16 audio [S] at 16 kHz, alignment, raw sample count)."""
+  pho = espeak_pho(text, spk)
+  segments = parse_pho(pho)
   db = f"{MBROLA_DIR}/{spk.voice}/{spk.voice}"
   cmd = ["mbrola", "-e", "-f", str(spk.f0_ratio), "-l", str(spk.voice_freq), db, "-", "-.raw"]
   raw = subprocess.run(cmd, input=pho.encode(), check=True, capture_output=True).stdout
@@ -308,6 +323,32 @@ def built_in_corpus(
   cache_dir = os.fspath(cache_dir or default_cache_dir())
   out = os.path.join(cache_dir, f"synth-{num_utterances}-{seed}")
   return synthesize_corpus(out, num_utterances, seed=seed)
+
+
+def held_out_corpus(
+  speaker: str, num_utterances: int, *, seed: int = 1, exclude: set[str] | frozenset = frozenset(),
+  cache_dir: str | os.PathLike | None = None,
+) -> str:
+  """`num_utterances` grammar sentences NOT in `exclude` (lower-cased texts, e.g. a TTS model's
+  training sentences) rendered for `speaker`: reference renderings of unseen text for a voice.
+
+  Sentences are drawn with `seed` and de-duplicated; cached under
+  `cache_dir/heldout-<speaker>-<n>-<seed>-<hash of exclude>`. Returns the manifest path."""
+  exclude = {t.strip().lower() for t in exclude}
+  sentences, seen, draw = [], set(), 0
+  while len(sentences) < num_utterances:
+    draw += 1
+    if draw > 50:
+      raise ValueError(f"held_out_corpus: fewer than {num_utterances} unseen sentences")
+    for s in generate_sentences(4 * num_utterances, seed * 1000 + draw):
+      key = s.strip().lower()
+      if key not in exclude and key not in seen and len(sentences) < num_utterances:
+        seen.add(key)
+        sentences.append(s)
+  digest = hashlib.sha256("\n".join(sorted(exclude)).encode()).hexdigest()[:10]
+  cache_dir = os.fspath(cache_dir or default_cache_dir())
+  out = os.path.join(cache_dir, f"heldout-{speaker}-{num_utterances}-{seed}-{digest}")
+  return synthesize_corpus(out, num_utterances, voices=[speaker], sentences=sentences)
 
 
 def load_corpus(manifest_path: str | os.PathLike) -> tuple[list[dict], list[str]]:

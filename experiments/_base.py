@@ -47,6 +47,9 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
     # Several static lengths instead (e.g. (32000, 64000, 128000)): each utterance is padded to
     # the shortest that holds it, cropped to the longest; one compilation per length.
     'bucket_lengths': (),
+    # Per-utterance waveform scaling: 'standard' (zero mean, unit variance: the SSL encoders'
+    # input), 'peak' (peak 0.95, HiFi-GAN's: synthesis), 'none'.
+    'normalize': 'standard',
     'num_workers': 0,  # Grain worker processes (0 = in-process)
     'seed': 0,
   }, overrides)

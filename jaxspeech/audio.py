@@ -66,6 +66,35 @@ def normalize_waveform(wav: np.ndarray) -> np.ndarray:
   return ((wav - wav.mean()) / np.sqrt(wav.var() + 1e-7)).astype(np.float32, copy=False)
 
 
+NORMALIZATIONS = ("standard", "peak", "none")
+
+
+def normalization(normalize: bool | str) -> str:
+  """A `normalize` setting -> one of NORMALIZATIONS (True = "standard", False = "none")."""
+  if normalize is True or normalize is False:
+    return "standard" if normalize else "none"
+  if normalize not in NORMALIZATIONS:
+    raise ValueError(f"normalize={normalize!r}: choose one of {NORMALIZATIONS}")
+  return normalize
+
+
+def peak_normalize(wav: np.ndarray) -> np.ndarray:
+  """Peak at 0.95 (HiFi-GAN's `librosa.util.normalize(audio) * 0.95`). [S] -> [S] float32."""
+  wav = np.asarray(wav, np.float32)
+  return (0.95 * wav / max(float(np.abs(wav).max(initial=0.0)), 1e-8)).astype(np.float32)
+
+
+def scale_waveform(wav: np.ndarray, normalize: bool | str) -> np.ndarray:
+  """One utterance as the training data path feeds it (`config.data.normalize`): "standard"
+  (`normalize_waveform`, the SSL encoders), "peak" (`peak_normalize`, synthesis) or "none"."""
+  mode = normalization(normalize)
+  if mode == "standard":
+    return normalize_waveform(wav)
+  if mode == "peak":
+    return peak_normalize(wav)
+  return np.asarray(wav, np.float32)
+
+
 def missing_reason(path: str) -> str | None:
   """Why `path` cannot be opened as an audio file, or None if it can: "no such file", "symlink
   loop", "broken symlink to T", "a folder, not a file". One `os.stat`: cheap enough per row."""

@@ -8,6 +8,7 @@ r"""Evaluation of a checkpoint by one registered task on a manifest; prints one 
     python -m jaxspeech.evaluate --checkpoint WORKDIR --task classification --split test
     python -m jaxspeech.evaluate --checkpoint WORKDIR --task av_classification --split test
     python -m jaxspeech.evaluate --checkpoint WORKDIR --task retrieval --split test
+    python -m jaxspeech.evaluate --checkpoint TTS_WORKDIR --task tts --judge JUDGE [--vocoder V]
 
 `--task` names a module of the evaluation registry (`jaxspeech/eval/<task>.py` with
 `run(ctx, **args)`, `jaxspeech.eval.registry`): the very functions `config.evals` runs during
@@ -40,6 +41,10 @@ the task does not take is an error). Tasks and output:
                  (`jaxspeech.eval.av_classification`).
   retrieval      audio->image and image->audio recall@1/5/10 of a cross-modal model (CMCM) on
                  the split's pairs, chance, codebook usage (`jaxspeech.eval.retrieval`).
+  tts            a TTS workdir speaks `--num` unseen grammar sentences with `--speaker`'s voice
+                 (through `--vocoder`, or Griffin-Lim): the `--judge` recogniser's PER on them,
+                 on the reference renderings and on shuffled-phone speech; MCD, F0 RMSE, energy
+                 and duration statistics against the references (`jaxspeech.eval.tts`).
 
 `--checkpoint` is an HF checkpoint directory (config.json + weights), a jaxspeech training workdir
 (its `config.json`, latest checkpoint and host state; the tasks see its method's predictions,
@@ -72,7 +77,8 @@ from jaxspeech.eval.registry import EvalError
 
 PROG = 'python -m jaxspeech.evaluate'
 # CLI flags that are task arguments (passed when given).
-TASK_FLAGS = ('layer', 'k', 'units', 'split', 'seed', 'standardize', 'fit_split')
+TASK_FLAGS = ('layer', 'k', 'units', 'split', 'seed', 'standardize', 'fit_split', 'judge',
+              'vocoder', 'speaker', 'num', 'out')
 
 
 def positive_int(text: str) -> int:
@@ -156,6 +162,12 @@ def _main(argv: Sequence[str] | None) -> int:
   p.add_argument('--mfcc_input_scale', default=None, choices=tuple(MFCC_INPUT_SCALES),
                  help="--checkpoint mfcc: the waveform as fairseq feeds it, in [-1, 1] "
                  "(default), or x 32768 as Kaldi's int16 (the baseline before Dec 2)")
+  p.add_argument('--judge', default=None, help='tts: a phone_judge workdir (the recogniser)')
+  p.add_argument('--vocoder', default=None, help="tts: a vocoder workdir (default Griffin-Lim)")
+  p.add_argument('--speaker', default=None, help='tts: the training voice to speak with (us1)')
+  p.add_argument('--num', type=positive_int, default=None,
+                 help='tts: held-out sentences to synthesise (default 40)')
+  p.add_argument('--out', default=None, help='tts: write the first 8 syntheses as WAVs here')
   args = p.parse_args(argv)
   given = {k: getattr(args, k) for k in TASK_FLAGS
            if getattr(args, k) not in (None, False, '')}

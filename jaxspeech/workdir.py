@@ -77,10 +77,11 @@ def workdir_context(workdir: str, label: str | None = None) -> EvalContext:
   check_workdir_config(workdir, label)
   method, model, config, setup = load_workdir_model(workdir, label=label)
   extra = restore_extra(workdir, setup.abstract_state, label)
-  # The trainer always normalises its input (`jaxspeech.train.data` calls `make_dataset` with its
-  # default normalize=True; the config has no key to turn it off), so a workdir's model is too.
+  # Inputs scaled as the trainer fed them (`config.data.normalize`; workdirs from before the key
+  # existed were always 'standard').
   return EvalContext(config=config, method=method, model=model, extra=extra,
-                     predict=method.predict_fns(model, extra), normalize=True)
+                     predict=method.predict_fns(model, extra),
+                     normalize=str(config.data.get('normalize', 'standard')))
 
 
 def load_context(checkpoint: str, label: str | None = None,

@@ -18,9 +18,9 @@ Checkpoints (`jaxspeech.workdir.load_context`):
            fairseq's dump_mfcc_feature.py computes them (samples in [-1, 1]; `input_scale=
            'kaldi'` for x 32768; deltas over each utterance's own frames) (`MfccBaseline`; it
            has one feature layer, so the layer is ignored).
-Inputs are fed as the model was trained (`EvalContext.normalize`): every utterance normalised to
-zero mean / unit variance (`jaxspeech.audio.normalize_waveform`) before padding -- always for a
-workdir (the training pipeline always normalises), for an HF folder as its
+Inputs are fed as the model was trained (`EvalContext.normalize`, `jaxspeech.audio.scale_waveform`):
+every utterance normalised to zero mean / unit variance before padding -- for a workdir as its
+`config.data.normalize` says ('standard' unless set; synthesis models 'peak'), for an HF folder as its
 `preprocessor_config.json`'s `do_normalize` says (normalised without one, the
 Wav2Vec2FeatureExtractor default); MFCCs get the raw waveform.
 
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, normalize_waveform
+from jaxspeech.audio import SAMPLE_RATE, AudioError, load_audio, scale_waveform
 from jaxspeech.eval.registry import EvalContext, EvalError
 from jaxspeech.methods.base import Method
 
@@ -128,14 +128,13 @@ def layer_index(ctx: EvalContext, spec: str | int) -> int:
   return 0 if n is None else parse_layer(spec, n)
 
 
-def utterance_outputs(wavs: Sequence[np.ndarray], fn: Callable, *, normalize: bool,
+def utterance_outputs(wavs: Sequence[np.ndarray], fn: Callable, *, normalize: bool | str,
                       batch_size: int = 8) -> list[np.ndarray]:
   """Runs `fn(wav [B, S], mask [B, S]) -> ([B, T, ...], frame_mask [B, T])` over length-sorted
   batches padded to whole seconds; returns one `[T_i, ...]` numpy array per utterance (its valid
   frames). Each utterance is normalised first (over its own samples, before padding) when
   `normalize`."""
-  if normalize:
-    wavs = [normalize_waveform(w) for w in wavs]
+  wavs = [scale_waveform(w, normalize) for w in wavs]
   out = [None] * len(wavs)
   order = sorted(range(len(wavs)), key=lambda i: len(wavs[i]))
   for start in range(0, len(order), batch_size):

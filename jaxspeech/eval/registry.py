@@ -34,16 +34,17 @@ class EvalError(UserError):
 @dataclasses.dataclass
 class EvalContext:
   """What a task sees: the run's config and method, the model + extra state, and the method's
-  prediction functions (`Method.predict_fns`). `normalize`: the audio predictions take every
-  utterance normalised to zero mean / unit variance before padding (what the training pipeline
-  feeds); False for raw waveforms (the MFCC baseline, HF folders with `do_normalize: false`)."""
+  prediction functions (`Method.predict_fns`). `normalize`: how the audio predictions take every
+  utterance before padding (`jaxspeech.audio.scale_waveform`: True / 'standard' zero mean, unit
+  variance, what the SSL training pipeline feeds; 'peak' for synthesis models; False / 'none' for
+  raw waveforms: the MFCC baseline, HF folders with `do_normalize: false`)."""
 
   config: Any
   method: Any
   model: Any
   extra: PyTree
   predict: dict[str, Callable]
-  normalize: bool = True
+  normalize: bool | str = True
 
   def need(self, kind: str) -> Callable:
     if kind not in self.predict:

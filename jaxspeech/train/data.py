@@ -97,6 +97,7 @@ def make_iterator(config, mesh=None, *, method: Method | None = None, seed_offse
     bucket_lengths=bucket_lengths(d) if audio else (1,),
     seed=int(d.seed) + seed_offset, shuffle=True, num_epochs=None,
     perturb=(str(d.get('perturb', '') or '') or None) if audio else None,
+    normalize=str(d.get('normalize', 'standard')) if audio else True,
     worker_count=int(d.num_workers), process_index=process_index, process_count=process_count,
     row_fields=row_fields, row_spec=row_spec)
   return iter(ds)
