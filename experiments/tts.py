@@ -75,9 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.method.predictor_dim = 256 if paper else 128
   c.method.dropout = 0.2 if paper else 0.1
   c.method.duration_weight = 1.0
-  # Distillation from a dense TTS workdir (its teacher-forced mel as a second target; '' = off).
-  c.method.distill_from = ''
-  c.method.distill_weight = 1.0
+  # Distillation from the starting model (with init_from = the dense workdir: the dense model's
+  # teacher-forced mel as a second target); 0 = off.
+  c.method.distill_weight = 0.0
   c.prune = prune_config(pattern=PRUNE_PATTERN)
   c.lock()
   return c

@@ -13,8 +13,8 @@ prediction) or, without `--vocoder`, Griffin-Lim (60 iterations of fast Griffin-
 prints their paths. User errors (no such workdir, an unknown speaker, a phone outside the model's
 inventory, an empty text) print one line and exit with code 2.
 
-Library: `synthesize_mels(ctx, phone_lists, speaker)` and `vocode(mels, vocoder_ctx)` are what
-`evaluate --task tts` and the pruning study call.
+The synthesis itself is `jaxspeech.eval.tts.synthesize_mels` and `vocode` (what `evaluate --task
+tts` runs); `speak_manifest` writes TTS-augmentation data (benchmarks/tts_study.py).
 
 Legend: B batch, P phones, T mel frames, M mel bins.
 """
@@ -26,12 +26,11 @@ import os
 import sys
 from collections.abc import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxspeech import errors
 from jaxspeech.audio import SAMPLE_RATE
+from jaxspeech.eval.tts import synthesize_mels, vocode, write_wav
 from jaxspeech.ops import mel as mel_ops
 
 PROG = 'python -m jaxspeech.synthesize'
@@ -41,88 +40,34 @@ class SynthesisError(errors.UserError, ValueError):
   """A flag, text or checkpoint this command cannot use; the message names it."""
 
 
-def _batches(n: int, batch_size: int):
-  for start in range(0, n, batch_size):
-    yield start, min(start + batch_size, n)
+def speak_manifest(ctx, texts: Sequence[str], speakers: Sequence[str], out_dir: str,
+                   vocoder_ctx=None, split: str = 'train') -> str:
+  """TTS-augmentation data: the model speaks `texts[i]` with `speakers[i]`; writes the WAVs and
+  `out_dir/manifest.jsonl` whose rows carry the text, speaker, `split` and an `alignment` from
+  the durations the model used (phone i spans its frames' times), so the rows train a TTS model
+  like real ones. Returns the manifest path."""
+  from data_pipelines.manifest import write_manifest
+  from data_pipelines.synth import text_to_phones
 
-
-def synthesize_mels(ctx, phone_lists: Sequence[Sequence[str]], speakers: str | Sequence[str],
-                    duration_scale: float = 1.0, batch_size: int = 16,
-                    durations: Sequence[np.ndarray] | None = None,
-                    with_durations: bool = False):
-  """Log-mel `[T_i, M]` per phone sequence from a TTS context (`workdir.load_context`).
-
-  Predicted durations (scaled by `duration_scale`), or the given integer `durations` per phone
-  (teacher forcing). `with_durations`: also the frames per phone `[P_i]` used, (mels, durs). Batches are padded to `method.max_phones` phones and `method.max_frames()`
-  frames (one compilation); a sequence whose frames exceed that is cut there."""
-  method = ctx.method
-  if isinstance(speakers, str):
-    speakers = [speakers] * len(phone_lists)
-  p, t = method.max_phones, method.max_frames()
-  synth = jax.jit(ctx.need('synthesize'), static_argnums=(2,))
-  forced = jax.jit(ctx.need('teacher_forced_mel'), static_argnums=(3,))
-  out, used = [], []
-  for a, b in _batches(len(phone_lists), batch_size):
-    ids = np.zeros((batch_size, p), np.int32)
-    spk = np.zeros((batch_size,), np.int32)
-    dur = np.zeros((batch_size, p), np.int32)
-    for r, i in enumerate(range(a, b)):
-      seq = list(phone_lists[i])
-      if not seq:
-        raise SynthesisError(f'utterance {i}: no phones')
-      if len(seq) > p:
-        raise SynthesisError(f'utterance {i}: {len(seq)} phones > the model\'s max_phones {p}')
-      ids[r, :len(seq)] = method.phone_ids(seq)
-      spk[r] = method.speaker_id(speakers[i])
-      if durations is not None:
-        dur[r, :len(seq)] = durations[i]
-    if durations is None:
-      mel, mask, dur = synth(jnp.asarray(ids), jnp.asarray(spk), t, float(duration_scale))
-    else:
-      mel, mask = forced(jnp.asarray(ids), jnp.asarray(spk), jnp.asarray(dur), t)
-    mel, mask, dur = np.asarray(mel), np.asarray(mask), np.asarray(dur)
-    for r, i in enumerate(range(a, b)):
-      out.append(mel[r, :max(int(mask[r].sum()), 1)])
-      used.append(dur[r, :len(phone_lists[i])])
-  return (out, used) if with_durations else out
-
-
-def vocode(mels: Sequence[np.ndarray], vocoder_ctx=None, rng: jax.Array | None = None,
-           griffin_lim_iters: int = 60, batch_size: int = 8) -> list[np.ndarray]:
-  """Waveforms `[T_i * hop]` of log-mels `[T_i, M]`: the vocoder context's 'vocode', or
-  Griffin-Lim when `vocoder_ctx` is None. Padded to a few lengths (multiples of 64 frames)."""
   cfg = mel_ops.MelConfig()
-  rng = jax.random.key(0) if rng is None else rng
-  if vocoder_ctx is not None:
-    fn = jax.jit(vocoder_ctx.need('vocode'))
-  else:
-    fn = jax.jit(lambda m, key: mel_ops.griffin_lim(m, (m.shape[1] - 1) * cfg.hop, key,
-                                                    n_iter=griffin_lim_iters, cfg=cfg))
-  out = [None] * len(mels)
-  order = sorted(range(len(mels)), key=lambda i: len(mels[i]))
-  for a, b in _batches(len(order), batch_size):
-    idx = order[a:b]
-    t = -(-max(len(mels[i]) for i in idx) // 64) * 64
-    # Padding frames are silence (the log floor), so they add no energy to the real frames.
-    batch = np.full((batch_size, t, cfg.n_mels), np.log(mel_ops.LOG_FLOOR), np.float32)
-    for r, i in enumerate(idx):
-      batch[r, :len(mels[i])] = mels[i]
-    if vocoder_ctx is not None:
-      wav = np.asarray(fn(jnp.asarray(batch)))
-    else:
-      wav = np.asarray(fn(jnp.asarray(batch), jax.random.fold_in(rng, a)))
-    for r, i in enumerate(idx):
-      out[i] = wav[r, :(len(mels[i]) - 1) * cfg.hop].astype(np.float32)
-  return out
-
-
-def write_wav(path: str, wav: np.ndarray) -> None:
-  """16 kHz PCM16, peak-normalised to 0.95 (a silent input stays silent)."""
-  import soundfile as sf
-
-  peak = float(np.abs(wav).max(initial=0.0))
-  wav = 0.95 * wav / peak if peak > 0 else wav
-  sf.write(path, np.clip(wav, -1.0, 1.0), SAMPLE_RATE, subtype='PCM_16')
+  phones = [text_to_phones(t, s) for t, s in zip(texts, speakers)]
+  mels, durs = synthesize_mels(ctx, phones, list(speakers), with_durations=True)
+  wavs = vocode(mels, vocoder_ctx)
+  os.makedirs(os.path.join(out_dir, 'wavs'), exist_ok=True)
+  rows = []
+  for i, (text, spk, seq, dur, wav) in enumerate(zip(texts, speakers, phones, durs, wavs)):
+    path = os.path.join(out_dir, 'wavs', f'tts_{i:05d}.wav')
+    write_wav(path, wav)
+    ends = np.cumsum(dur) / cfg.frame_rate
+    starts = ends - dur / cfg.frame_rate
+    ali = [[p, round(float(a), 4), round(float(b), 4)] for p, a, b in zip(seq, starts, ends)
+           if b > a]
+    rows.append({'path': path, 'n_samples': int(len(wav)), 'sample_rate': SAMPLE_RATE,
+                 'speaker': spk, 'text': text, 'phones': ' '.join(p for p, _, _ in ali),
+                 'alignment': ali, 'split': split, 'source': 'tts'})
+  path = os.path.join(out_dir, 'manifest.jsonl')
+  write_manifest(path, rows)
+  return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,7 +108,10 @@ def _main(argv: Sequence[str] | None) -> int:
                          f'({", ".join(ctx.method.speakers)})')
   # Phonemised with the speaker's own espeak voice, as the corpus rendered its sentences.
   phones = [text_to_phones(t, args.speaker) for t in texts]
-  mels = synthesize_mels(ctx, phones, args.speaker, args.duration_scale)
+  try:
+    mels = synthesize_mels(ctx, phones, args.speaker, args.duration_scale)
+  except ValueError as e:  # a phone outside the model's inventory (the message names it)
+    raise SynthesisError(str(e)) from e
   wavs = vocode(mels, voc)
   os.makedirs(args.out, exist_ok=True)
   for i, wav in enumerate(wavs):

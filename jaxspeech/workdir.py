@@ -81,7 +81,8 @@ def workdir_context(workdir: str, label: str | None = None) -> EvalContext:
   # existed were always 'standard').
   return EvalContext(config=config, method=method, model=model, extra=extra,
                      predict=method.predict_fns(model, extra),
-                     normalize=str(config.data.get('normalize', 'standard')))
+                     normalize=str(config.data.get('normalize', 'standard')),
+                     opener=load_context)
 
 
 def load_context(checkpoint: str, label: str | None = None,

@@ -37,7 +37,9 @@ class EvalContext:
   prediction functions (`Method.predict_fns`). `normalize`: how the audio predictions take every
   utterance before padding (`jaxspeech.audio.scale_waveform`: True / 'standard' zero mean, unit
   variance, what the SSL training pipeline feeds; 'peak' for synthesis models; False / 'none' for
-  raw waveforms: the MFCC baseline, HF folders with `do_normalize: false`)."""
+  raw waveforms: the MFCC baseline, HF folders with `do_normalize: false`). `opener`: how a task
+  opens another checkpoint (the `tts` task's judge and vocoder): `jaxspeech.workdir.load_context`
+  for contexts it made (the evaluation package does not import the loader: it imports us)."""
 
   config: Any
   method: Any
@@ -45,6 +47,14 @@ class EvalContext:
   extra: PyTree
   predict: dict[str, Callable]
   normalize: bool | str = True
+  opener: Callable[..., EvalContext] | None = None
+
+  def open(self, checkpoint: str, label: str) -> EvalContext:
+    """Another checkpoint's context (`label` names it in errors, e.g. '--judge DIR')."""
+    if self.opener is None:
+      raise EvalError(f'{label}: this evaluation cannot open other checkpoints (run it with '
+                      '`python -m jaxspeech.evaluate`)')
+    return self.opener(checkpoint, label=label)
 
   def need(self, kind: str) -> Callable:
     if kind not in self.predict:

@@ -36,9 +36,14 @@ Legend: T frames, C cepstra.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from jaxspeech.audio import SAMPLE_RATE
+from jaxspeech.eval.registry import EvalError
 from jaxspeech.ops import mel as mel_ops
 
 NUM_CEPS = 24
@@ -107,8 +112,6 @@ def compare(synth_wav: np.ndarray, ref_wav: np.ndarray,
             cfg: mel_ops.MelConfig = mel_ops.MelConfig()) -> dict[str, float]:
   """MCD, F0 RMSE, V/UV error and energy RMSE of one synthesis against its reference, along the
   DTW path of their cepstra."""
-  import jax.numpy as jnp
-
   a = np.asarray(mel_ops.log_mel(jnp.asarray(synth_wav[None]), cfg))[0]
   b = np.asarray(mel_ops.log_mel(jnp.asarray(ref_wav[None]), cfg))[0]
   ca, cb = cepstra(a), cepstra(b)
@@ -128,8 +131,6 @@ def reference_rows(ctx, manifest: str, split: str, speaker: str, num: int, seed:
   """The rows to synthesise (see the module docstring)."""
   from data_pipelines.manifest import read_manifest
   from data_pipelines.synth import held_out_corpus
-  from jaxspeech.eval.registry import EvalError
-
   if manifest:
     rows = [r for r in read_manifest(manifest) if r.get('alignment')]
     if split:
@@ -145,18 +146,98 @@ def reference_rows(ctx, manifest: str, split: str, speaker: str, num: int, seed:
   return read_manifest(path)
 
 
+def _batches(n: int, batch_size: int):
+  for start in range(0, n, batch_size):
+    yield start, min(start + batch_size, n)
+
+
+def synthesize_mels(ctx, phone_lists: Sequence[Sequence[str]], speakers: str | Sequence[str],
+                    duration_scale: float = 1.0, batch_size: int = 16,
+                    durations: Sequence[np.ndarray] | None = None,
+                    with_durations: bool = False):
+  """Log-mel `[T_i, M]` per phone sequence from a TTS context (`workdir.load_context`).
+
+  Predicted durations (scaled by `duration_scale`), or the given integer `durations` per phone
+  (teacher forcing). `with_durations`: also the frames per phone `[P_i]` used, (mels, durs).
+  Batches are padded to `method.max_phones` phones and `method.max_frames()` frames (one
+  compilation); a sequence whose frames exceed that is cut there."""
+  method = ctx.method
+  if isinstance(speakers, str):
+    speakers = [speakers] * len(phone_lists)
+  p, t = method.max_phones, method.max_frames()
+  synth = jax.jit(ctx.need('synthesize'), static_argnums=(2,))
+  forced = jax.jit(ctx.need('teacher_forced_mel'), static_argnums=(3,))
+  out, used = [], []
+  for a, b in _batches(len(phone_lists), batch_size):
+    ids = np.zeros((batch_size, p), np.int32)
+    spk = np.zeros((batch_size,), np.int32)
+    dur = np.zeros((batch_size, p), np.int32)
+    for r, i in enumerate(range(a, b)):
+      seq = list(phone_lists[i])
+      if not seq:
+        raise EvalError(f'utterance {i}: no phones')
+      if len(seq) > p:
+        raise EvalError(f'utterance {i}: {len(seq)} phones > the model\'s max_phones {p}')
+      ids[r, :len(seq)] = method.phone_ids(seq)
+      spk[r] = method.speaker_id(speakers[i])
+      if durations is not None:
+        dur[r, :len(seq)] = durations[i]
+    if durations is None:
+      mel, mask, dur = synth(jnp.asarray(ids), jnp.asarray(spk), t, float(duration_scale))
+    else:
+      mel, mask = forced(jnp.asarray(ids), jnp.asarray(spk), jnp.asarray(dur), t)
+    mel, mask, dur = np.asarray(mel), np.asarray(mask), np.asarray(dur)
+    for r, i in enumerate(range(a, b)):
+      out.append(mel[r, :max(int(mask[r].sum()), 1)])
+      used.append(dur[r, :len(phone_lists[i])])
+  return (out, used) if with_durations else out
+
+
+def vocode(mels: Sequence[np.ndarray], vocoder_ctx=None, rng: jax.Array | None = None,
+           griffin_lim_iters: int = 60, batch_size: int = 8) -> list[np.ndarray]:
+  """Waveforms `[T_i * hop]` of log-mels `[T_i, M]`: the vocoder context's 'vocode', or
+  Griffin-Lim when `vocoder_ctx` is None. Padded to a few lengths (multiples of 64 frames)."""
+  cfg = mel_ops.MelConfig()
+  rng = jax.random.key(0) if rng is None else rng
+  if vocoder_ctx is not None:
+    fn = jax.jit(vocoder_ctx.need('vocode'))
+  else:
+    fn = jax.jit(lambda m, key: mel_ops.griffin_lim(m, (m.shape[1] - 1) * cfg.hop, key,
+                                                    n_iter=griffin_lim_iters, cfg=cfg))
+  out = [None] * len(mels)
+  order = sorted(range(len(mels)), key=lambda i: len(mels[i]))
+  for a, b in _batches(len(order), batch_size):
+    idx = order[a:b]
+    t = -(-max(len(mels[i]) for i in idx) // 64) * 64
+    # Padding frames are silence (the log floor), so they add no energy to the real frames.
+    batch = np.full((batch_size, t, cfg.n_mels), np.log(mel_ops.LOG_FLOOR), np.float32)
+    for r, i in enumerate(idx):
+      batch[r, :len(mels[i])] = mels[i]
+    if vocoder_ctx is not None:
+      wav = np.asarray(fn(jnp.asarray(batch)))
+    else:
+      wav = np.asarray(fn(jnp.asarray(batch), jax.random.fold_in(rng, a)))
+    for r, i in enumerate(idx):
+      out[i] = wav[r, :(len(mels[i]) - 1) * cfg.hop].astype(np.float32)
+  return out
+
+
+def write_wav(path: str, wav: np.ndarray) -> None:
+  """16 kHz PCM16, peak-normalised to 0.95 (a silent input stays silent)."""
+  import soundfile as sf
+
+  peak = float(np.abs(wav).max(initial=0.0))
+  wav = 0.95 * wav / peak if peak > 0 else wav
+  sf.write(path, np.clip(wav, -1.0, 1.0), SAMPLE_RATE, subtype='PCM_16')
+
+
 def run(ctx, manifest: str = '', split: str = '', judge: str = '', vocoder: str = '',
         speaker: str = 'us1', num: int = 40, seed: int = 1, out: str = '',
         shuffle_seed: int = 0) -> dict[str, float]:
-  import jax
-
-  from jaxspeech import synthesize as synth_lib
   from jaxspeech.audio import load_audio, scale_waveform
   from jaxspeech.eval.asr import error_rate
-  from jaxspeech.eval.registry import EvalError
   from jaxspeech.methods.tts import alignment_durations
   from jaxspeech.methods.w2vu2 import reference_phones
-  from jaxspeech.workdir import load_context
 
   if ctx.method.name != 'tts':
     raise EvalError(f'tts: --checkpoint is a {ctx.method.name} workdir, not tts')
@@ -170,15 +251,15 @@ def run(ctx, manifest: str = '', split: str = '', judge: str = '', vocoder: str 
   phones = [[p for p, _, _ in r['alignment']] for r in rows]
   ref_dur = [alignment_durations(r['alignment'], cfg.frame_rate)[1] for r in rows]
   refs = [scale_waveform(load_audio(r['path']), 'peak') for r in rows]
-  voc = load_context(vocoder, label=f'--vocoder {vocoder}') if vocoder else None
-  mels, durs = synth_lib.synthesize_mels(ctx, phones, speaker, with_durations=True)
-  wavs = synth_lib.vocode(mels, voc, rng=jax.random.key(seed))
+  voc = ctx.open(vocoder, f'--vocoder {vocoder}') if vocoder else None
+  mels, durs = synthesize_mels(ctx, phones, speaker, with_durations=True)
+  wavs = vocode(mels, voc, rng=jax.random.key(seed))
   rng = np.random.default_rng(shuffle_seed)
   shuffled = [list(rng.permutation(p)) for p in phones]
-  wavs_shuffled = synth_lib.vocode(synth_lib.synthesize_mels(ctx, shuffled, speaker), voc,
+  wavs_shuffled = vocode(synthesize_mels(ctx, shuffled, speaker), voc,
                                    rng=jax.random.key(seed + 1))
 
-  judge_ctx = load_context(judge, label=f'--judge {judge}')
+  judge_ctx = ctx.open(judge, f'--judge {judge}')
   from jaxspeech.methods.phone_judge import transcribe
 
   truth = [reference_phones(r) for r in rows]
@@ -203,6 +284,6 @@ def run(ctx, manifest: str = '', split: str = '', judge: str = '', vocoder: str 
   if out:
     os.makedirs(out, exist_ok=True)
     for i in range(min(8, len(rows))):
-      synth_lib.write_wav(os.path.join(out, f'{i:02d}_synth.wav'), wavs[i])
-      synth_lib.write_wav(os.path.join(out, f'{i:02d}_reference.wav'), refs[i])
+      write_wav(os.path.join(out, f'{i:02d}_synth.wav'), wavs[i])
+      write_wav(os.path.join(out, f'{i:02d}_reference.wav'), refs[i])
   return out_metrics

@@ -18,9 +18,11 @@ pruning of the trained model + fine-tuning with fixed masks = `mpi` with `init_f
 workdir; `omp` / `imp` through `python -m jaxspeech.prune`). `PRUNE_PATTERN` selects the FFT
 blocks' attention and convolution kernels and the duration predictor's convolutions.
 
-Distillation (`method.distill_from` = a dense TTS workdir): the loss adds
-`method.distill_weight * |mel_hat - mel_teacher|` with the teacher's teacher-forced prediction
-on the same batch (the teacher is frozen, carried in the extra state).
+Distillation (`method.distill_weight > 0`): the teacher is the model the run starts from (with
+`init_from` the dense TTS workdir: the dense model), frozen in the extra state after the first
+step, before any pruning (a pruned run's first step makes no update, so these are exactly the
+starting weights; an unpruned run's teacher has had one update); the loss adds `distill_weight * |mel_hat - mel_teacher|` with the teacher's
+teacher-forced prediction on the same batch (from the second step on).
 
 Prediction: 'synthesize' `(phones [B, P], speaker [B], num_frames: int, duration_scale=1.0)
 -> (log-mel [B, T, M], frame mask [B, T], durations [B, P])`.
@@ -35,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxspeech.errors import ConfigError
 from jaxspeech.methods.base import Method, bucket_lengths
 from jaxspeech.methods.prune_spec import PruneSpec
 from jaxspeech.models.tts import FastSpeech, TtsConfig
@@ -142,10 +143,14 @@ class Tts(Method):
     model = FastSpeech(self.model_config(), rngs=nnx.Rngs(params=rng))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     extra = {'prune': self.prune.init_state(params)}
-    src = str(self.config.method.get('distill_from', '') or '')
-    if src:
-      extra['teacher'] = _teacher_params(src, params)
+    if self.distill_weight > 0:
+      extra['teacher'] = params  # replaced by the starting weights at the first step
+      extra['teacher_ready'] = jnp.zeros((), bool)
     return model, extra
+
+  @property
+  def distill_weight(self) -> float:
+    return float(self.config.method.get('distill_weight', 0.0) or 0.0)
 
   def targets(self, batch):
     """(log-mel [B, T, M], frame mask [B, T], row weight [B]) of the batch audio."""
@@ -183,13 +188,18 @@ class Tts(Method):
       t_mel, _, _ = teacher(batch['phones'], batch['speaker'], batch['durations'],
                             target.shape[1])
       distill = jnp.sum(jnp.abs(pred - jax.lax.stop_gradient(t_mel)) * fm) / n_bins
-      loss = loss + float(m.distill_weight) * distill
+      ready = extra_state['teacher_ready'].astype(jnp.float32)
+      loss = loss + self.distill_weight * ready * distill
       metrics['distill_l1'] = distill
     scale = self.prune.gradient_scale(extra_state['prune'])  # 0 at a pruned run's pruning step
     loss = scale * loss + jax.lax.stop_gradient((1.0 - scale) * loss)
     return loss, (metrics, extra_state)
 
   def post_update(self, params, extra_state, step):
+    if 'teacher' in extra_state:  # the starting weights, before the pruning step prunes them
+      ready = extra_state['teacher_ready']
+      teacher = jax.tree.map(lambda t, p: jnp.where(ready, t, p), extra_state['teacher'], params)
+      extra_state = {**extra_state, 'teacher': teacher, 'teacher_ready': jnp.ones((), bool)}
     params, prune_state = self.prune.post_update(params, extra_state['prune'], step,
                                                  int(self.config.train.num_steps))
     return params, {**extra_state, 'prune': prune_state}
@@ -208,18 +218,3 @@ class Tts(Method):
 
   def max_frames(self) -> int:
     return int(self.mel_cfg.num_frames(max(bucket_lengths(self.config.data))))
-
-
-def _teacher_params(workdir: str, like):
-  """A dense TTS workdir's parameters (pure dict) for distillation; its shapes must match."""
-  from jaxspeech.train.checkpoint import load_workdir_model
-
-  method, model, _, _ = load_workdir_model(workdir)
-  if method.name != 'tts':
-    raise ConfigError(f'config.method.distill_from={workdir!r} is a {method.name} workdir, '
-                      'not tts')
-  teacher = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  if jax.tree.structure(teacher) != jax.tree.structure(like) or any(
-      np.shape(a) != np.shape(b) for a, b in zip(jax.tree.leaves(teacher), jax.tree.leaves(like))):
-    raise ConfigError(f'config.method.distill_from={workdir!r}: its model has another shape')
-  return jax.tree.map(jnp.asarray, teacher)

@@ -108,6 +108,23 @@ def test_host_fields(corpus):
     m.speaker_id('us2_high')  # a held-out voice: not a training speaker
 
 
+def test_distillation_teacher_is_the_first_weights(corpus):
+  import jax
+  import jax.numpy as jnp
+
+  from jaxspeech.methods.tts import Tts
+
+  m = Tts(_config(corpus, **{'method.distill_weight': 1.0}))
+  _, extra = m.init(jax.random.key(0))
+  assert not bool(extra['teacher_ready'])
+  p0 = {'w': jnp.ones(3)}
+  extra = {**extra, 'teacher': {'w': jnp.zeros(3)}}
+  _, extra = m.post_update(p0, extra, jnp.int32(0))
+  _, extra = m.post_update({'w': jnp.full(3, 5.0)}, extra, jnp.int32(1))
+  assert bool(extra['teacher_ready'])
+  np.testing.assert_array_equal(extra['teacher']['w'], np.ones(3))
+
+
 @pytest.fixture(scope='module')
 def dense(corpus, tmp_path_factory):
   from jaxspeech.train import trainer
@@ -127,7 +144,7 @@ def test_training_reduces_the_mel_and_duration_losses(dense):
   assert rows[0]['duration_mse'] > rows[-1]['duration_mse'], rows
 
 
-def test_one_shot_pruning_keeps_masks_fixed(corpus, dense, tmp_path):
+def test_one_shot_pruning_with_distillation_keeps_masks_fixed(corpus, dense, tmp_path):
   from flax import nnx
 
   from jaxspeech.ops import pruning
@@ -136,8 +153,10 @@ def test_one_shot_pruning_keeps_masks_fixed(corpus, dense, tmp_path):
 
   wd = str(tmp_path / 'pruned')
   c = _config(corpus, **{'init_from': dense, 'prune.method': 'mpi', 'prune.sparsity': 0.7,
-                         'train.num_steps': 10})
+                         'train.num_steps': 10, 'method.distill_weight': 1.0})
   trainer.train_and_evaluate(c, wd)
+  rows = _metrics(wd)
+  assert all(np.isfinite(r['distill_l1']) for r in rows) and rows[-1]['distill_l1'] > 0
   _, model, _, _ = load_workdir_model(wd)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   sel = pruning.prunable_selection(params, PRUNE_PATTERN)
