@@ -1,4 +1,5 @@
-"""HF transformers checkpoints (wav2vec2 / HuBERT / WavLM) <-> jaxspeech encoder parameters.
+"""HF transformers checkpoints (wav2vec2 / HuBERT / WavLM / data2vec-audio) <-> jaxspeech encoder
+parameters.
 
 A checkpoint directory holds `config.json` and `model.safetensors` (read with `safetensors.numpy`,
 no torch needed), a sharded `model.safetensors.index.json`, or `pytorch_model.bin` (needs torch).
@@ -10,6 +11,13 @@ HF checkpoints are per layer; an encoder with `scan_layers=True` holds its block
 converts with `stack_layers` and saving with `unstack_layers`, so either layout reads and writes
 the same HF files. The jaxspeech-only scale fields (`RUNTIME_FIELDS`) are never read from or
 written to an HF `config.json`.
+
+data2vec-audio (`Data2VecAudioModel`) is a post-LN wav2vec2 with a layer-norm extractor and a
+stack of positional convs. Its config names the stack's depth `num_conv_pos_embeddings` and its
+kernel `conv_pos_kernel_size`; jaxspeech's `EncoderConfig` keeps wav2vec2's meaning of
+`num_conv_pos_embeddings` (the kernel) and holds the depth in `pos_conv_depth`, so those two keys
+are translated both ways. HF's wav2vec2 / HuBERT / WavLM have no such stack: an encoder with
+`pos_conv_depth > 1` is written only as data2vec-audio.
 """
 
 from __future__ import annotations
@@ -32,7 +40,10 @@ from jaxspeech.models.speech_encoder import (
   to_layer_layout,
 )
 
-_PREFIXES = ("wav2vec2.", "hubert.", "wavlm.")
+_PREFIXES = ("wav2vec2.", "hubert.", "wavlm.", "data2vec_audio.")
+HF_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+ARCHITECTURES = {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel", "wavlm": "WavLMModel",
+                 "data2vec-audio": "Data2VecAudioModel"}
 TASK_HEADS = (
   r"^(lm_head|projector|classifier|quantizer|project_q|project_hid|final_proj|"
   r"label_embs_concat|dropout|tdnn|feature_extractor_head|objective)\b"
@@ -69,8 +80,10 @@ def config_from_hf(d: dict, where: str = "config.json") -> EncoderConfig:
     raise CheckpointError(f"{where}: not an HF model config (a JSON object), got "
                           f"{type(d).__name__}")
   mt = d.get("model_type")
-  if mt not in ("wav2vec2", "hubert", "wavlm"):
-    raise CheckpointError(f"{where}: model_type {mt!r} is not a wav2vec2/hubert/wavlm checkpoint")
+  if mt not in HF_MODEL_TYPES:
+    raise CheckpointError(
+      f"{where}: model_type {mt!r} is not a wav2vec2/hubert/wavlm/data2vec-audio checkpoint"
+    )
   unsupported = {
     "add_adapter": False,
     "conv_pos_batch_norm": False,
@@ -90,6 +103,19 @@ def config_from_hf(d: dict, where: str = "config.json") -> EncoderConfig:
   fields = {f for f in EncoderConfig.__dataclass_fields__ if f not in RUNTIME_FIELDS}
   kw = {k: d[k] for k in fields if k in d}
   kw["model_type"] = mt
+  if mt == "data2vec-audio":
+    # Data2VecAudioConfig defaults (5 convs of kernel 19); the extractor is always layer-normed
+    # and the encoder post-LN, whatever stray keys of those names the file holds.
+    depth = d.get("num_conv_pos_embeddings", 5)
+    if not (isinstance(depth, int) and depth > 1):
+      raise UnsupportedCheckpointError(
+        f"{where}: data2vec-audio with num_conv_pos_embeddings={depth!r} positional convs "
+        "(jaxspeech implements stacks of 2 or more)"
+      )
+    kw.update(pos_conv_depth=depth, num_conv_pos_embeddings=d.get("conv_pos_kernel_size", 19),
+              feat_extract_norm="layer", do_stable_layer_norm=False, feat_proj_layer_norm=True)
+  else:
+    kw["pos_conv_depth"] = 1  # HF's wav2vec2 / HuBERT / WavLM: always one weight-normed conv
   try:
     return EncoderConfig(**kw)
   except (TypeError, ValueError) as e:  # e.g. "conv_dim": 5, "feat_extract_norm": "batch"
@@ -97,14 +123,33 @@ def config_from_hf(d: dict, where: str = "config.json") -> EncoderConfig:
 
 
 def config_to_hf(cfg: EncoderConfig) -> dict:
+  """EncoderConfig -> HF `config.json` dict. CheckpointError for an encoder HF's class of its
+  `model_type` cannot express (a positional conv stack outside data2vec-audio, or data2vec-audio
+  with a group-norm extractor, pre-LN blocks or a single conv)."""
+  if cfg.model_type == "data2vec-audio":
+    wrong = [f"{k}={getattr(cfg, k)!r}" for k, ok in (
+      ("feat_extract_norm", cfg.feat_extract_norm == "layer"),
+      ("do_stable_layer_norm", not cfg.do_stable_layer_norm),
+      ("feat_proj_layer_norm", cfg.feat_proj_layer_norm),
+      ("pos_conv_depth", cfg.pos_conv_depth > 1),
+    ) if not ok]
+    if wrong:
+      raise CheckpointError(f"HF Data2VecAudioModel cannot hold an encoder with {', '.join(wrong)}")
+  elif cfg.pos_conv_depth > 1:
+    raise CheckpointError(
+      f"HF {ARCHITECTURES[cfg.model_type]} has a single positional conv, not "
+      f"pos_conv_depth={cfg.pos_conv_depth}; such an encoder (layer-norm extractor, post-LN) is "
+      "written as model_type='data2vec-audio'"
+    )
   d = {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS}
   d.update({k: list(v) for k, v in d.items() if isinstance(v, tuple)})
+  depth = d.pop("pos_conv_depth")
+  if cfg.model_type == "data2vec-audio":  # HF's names: see the module docstring
+    d["conv_pos_kernel_size"], d["num_conv_pos_embeddings"] = cfg.num_conv_pos_embeddings, depth
   d["num_feat_extract_layers"] = len(cfg.conv_dim)
   d["feat_extract_activation"] = "gelu"
   d["mask_time_prob"] = 0.05  # keeps `masked_spec_embed` in HF's model
-  d["architectures"] = [
-    {"wav2vec2": "Wav2Vec2Model", "hubert": "HubertModel", "wavlm": "WavLMModel"}[cfg.model_type]
-  ]
+  d["architectures"] = [ARCHITECTURES[cfg.model_type]]
   return d
 
 
@@ -149,6 +194,16 @@ _RULES: list[tuple[str, str, Callable]] = [
     _CONV,
   ),
   (r"encoder\.pos_conv_embed\.conv\.bias", "encoder/pos_conv_embed/bias", _ID),
+  (  # data2vec-audio's stack (no weight norm)
+    r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.weight",
+    r"encoder/pos_conv_embed/layers/\1/kernel",
+    _CONV,
+  ),
+  (
+    r"encoder\.pos_conv_embed\.layers\.(\d+)\.conv\.bias",
+    r"encoder/pos_conv_embed/layers/\1/bias",
+    _ID,
+  ),
   (r"encoder\.layer_norm\.weight", "encoder/layer_norm/scale", _ID),
   (r"encoder\.layer_norm\.bias", "encoder/layer_norm/bias", _ID),
   (
@@ -385,6 +440,9 @@ def to_hf_state_dict(model: SpeechEncoder) -> dict[str, np.ndarray]:
       out["encoder.pos_conv_embed.conv.weight_v"] = a.transpose(2, 1, 0)
     elif path == "encoder/pos_conv_embed/bias":
       out["encoder.pos_conv_embed.conv.bias"] = a
+    elif path.startswith("encoder/pos_conv_embed/layers/"):  # data2vec-audio's stack
+      name = key.replace(".kernel", ".weight").rsplit(".", 1)
+      out[".conv.".join(name)] = a.transpose(2, 1, 0) if path.endswith("/kernel") else a
     elif path.endswith("gru_rel_pos_const"):
       out[key] = a.reshape(1, -1, 1, 1)
     elif path.endswith("rel_attn_embed/embedding"):

@@ -1,5 +1,6 @@
-"""Transformer pieces of the wav2vec 2.0 family: convolutional positional embedding, feed-forward,
-post-LN / pre-LN ("stable layer norm") blocks.
+"""Transformer pieces of the wav2vec 2.0 family: convolutional positional embeddings (wav2vec 2.0's
+weight-normed conv, data2vec's conv stack), feed-forward, post-LN / pre-LN ("stable layer norm")
+blocks.
 
 Legend: B batch, T frames, D width, F feed-forward width, K positional conv taps, G conv groups.
 """
@@ -97,6 +98,68 @@ class ConvPositionalEmbedding(nnx.Module):
     if self.kernel % 2 == 0:  # 'same' padding of an even kernel leaves one frame too many
       y = y[:, :-1]
     return jax.nn.gelu(y + self.bias[...].astype(dtype), approximate=False)
+
+
+class DeepConvPositionalEmbedding(nnx.Module):
+  """data2vec's positional encoder: `depth` x [grouped conv ('same' length), LayerNorm without
+  affine, GELU], no weight norm. [B,T,D] (+ frame mask [B,T]) -> [B,T,D].
+
+  fairseq `wav2vec2.py` `pos_conv_depth > 1` (data2vec, DinoSR `base.yaml`: 5 convs of kernel
+  `max(3, conv_pos // depth)` = 95 // 5 = 19, 16 groups) and HF's
+  `Data2VecAudioPositionalConvEmbedding`. Unlike both references, padded frames are zeroed again
+  before every conv after the first: from the second conv on they would otherwise carry the
+  previous layer's bias / LayerNorm / GELU output into the valid frames near the end, and a
+  padded batch would no longer give the features of one utterance at a time. Without padding
+  this changes nothing.
+  """
+
+  def __init__(
+    self, dim: int, kernel: int, groups: int, depth: int, *, dtype=None, param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    if dim % groups:
+      raise ValueError(f"hidden size {dim} not divisible by {groups} positional conv groups")
+    self.kernel, self.groups, self.dtype = kernel, groups, dtype
+    # PyTorch's Conv1d default (fairseq builds these convs without an explicit init):
+    # weight and bias U(+-1/sqrt(fan_in)), fan_in = D/G * K.
+    bound = 1.0 / math.sqrt(kernel * dim // groups)
+
+    def uniform(shape):
+      return jax.random.uniform(rngs.params(), shape, param_dtype, -bound, bound)
+
+    self.layers = nnx.List([
+      _PosConvLayer(
+        nnx.Param(uniform((kernel, dim // groups, dim)), out_sharding=(None, None, EMBED),
+                  eager_sharding=False),  # [K, D/G, D]
+        nnx.Param(uniform((dim,)), out_sharding=(EMBED,), eager_sharding=False),
+      )
+      for _ in range(depth)
+    ])
+    # fairseq / HF: LayerNorm(D, elementwise_affine=False), torch's default eps (not the
+    # config's layer_norm_eps).
+    self.norm = nnx.LayerNorm(dim, epsilon=1e-5, use_bias=False, use_scale=False,
+                              use_fast_variance=False, dtype=dtype, param_dtype=param_dtype,
+                              rngs=rngs)
+
+  def __call__(self, x: jax.Array, frame_mask: jax.Array | None = None) -> jax.Array:
+    dtype = self.dtype or x.dtype
+    conv = grouped_conv_cpu if jax.default_backend() == "cpu" else _grouped_conv
+    x = x.astype(dtype)
+    for i, layer in enumerate(self.layers):
+      if i > 0 and frame_mask is not None:
+        x = jnp.where(frame_mask[..., None], x, 0.0)  # see the class docstring
+      y = conv(x, layer.kernel[...].astype(dtype), self.groups, self.kernel // 2)  # [B, T(+1), D]
+      if self.kernel % 2 == 0:  # 'same' padding of an even kernel leaves one frame too many
+        y = y[:, :-1]
+      x = jax.nn.gelu(self.norm(y + layer.bias[...].astype(dtype)), approximate=False)
+    return x
+
+
+class _PosConvLayer(nnx.Module):
+  """The parameters of one conv of `DeepConvPositionalEmbedding`."""
+
+  def __init__(self, kernel: nnx.Param, bias: nnx.Param):
+    self.kernel, self.bias = kernel, bias
 
 
 def _grouped_conv(x: jax.Array, w: jax.Array, groups: int, pad: int) -> jax.Array:

@@ -1,12 +1,15 @@
-"""The wav2vec 2.0 / HuBERT / WavLM speech encoder family as one Flax NNX module.
+"""The wav2vec 2.0 / HuBERT / WavLM / data2vec-audio speech encoder family as one Flax NNX module.
 
     waveform [B, S] -> ConvFeatureExtractor -> [B, T, C] -> LayerNorm -> Linear C->D
       -> (mask_time_indices: frames replaced by the learned `masked_spec_embed`)
-      -> zero padded frames -> + ConvPositionalEmbedding -> (post-LN: LayerNorm)
-      -> L transformer blocks (post-LN or pre-LN; WavLM: gated relative position bias)
+      -> zero padded frames -> + positional conv -> (post-LN: LayerNorm)
+      -> L transformer blocks (post-LN or pre-LN; WavLM: gated relative position bias;
+         training with `layerdrop`: each block skipped with that probability)
       -> (pre-LN: final LayerNorm)
 
-The three families differ only by configuration (`EncoderConfig`), so one module covers them and
+The positional conv is wav2vec 2.0's single weight-normed conv (`pos_conv_depth=1`) or data2vec's
+stack of `pos_conv_depth` plain convs with affine-free LayerNorms (`DeepConvPositionalEmbedding`).
+The families differ only by configuration (`EncoderConfig`), so one module covers them and
 HF checkpoints of any of them load into it (`jaxspeech.interop.hf`). Hidden states follow HF
 transformers' `output_hidden_states=True`: entry 0 is the input of the first block, entry i the
 output of block i (for pre-LN models the last entry is *before* the final LayerNorm, which
@@ -50,12 +53,13 @@ from jaxspeech.layers.partitioning import (
 )
 from jaxspeech.layers.transformer import (
   ConvPositionalEmbedding,
+  DeepConvPositionalEmbedding,
   TransformerBlock,
   dropout,
   layer_norm,
 )
 
-MODEL_TYPES = ("wav2vec2", "hubert", "wavlm")
+MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
 # `EncoderConfig.remat` -> policy of the per-block `jax.checkpoint` (what the backward pass keeps
 # from the forward; everything else inside a block is recomputed). 'full' saves nothing but each
 # block's input (= jax.checkpoint's default, 'nothing_saveable' is its jax name); 'dots_saveable'
@@ -89,8 +93,14 @@ class EncoderConfig:
   feat_extract_norm: str = "group"  # 'group' (base) or 'layer' (large)
   feat_proj_layer_norm: bool = True  # HuBERT may omit the LayerNorm before the projection
   do_stable_layer_norm: bool = False  # pre-LN transformer (large models)
+  # Kernel of the positional conv(s) (HF wav2vec2's name; HF data2vec-audio names the kernel
+  # `conv_pos_kernel_size` and the depth `num_conv_pos_embeddings`: interop translates).
   num_conv_pos_embeddings: int = 128
   num_conv_pos_embedding_groups: int = 16
+  # 1: wav2vec 2.0's single weight-normed conv. > 1: data2vec's stack of that many convs, each
+  # followed by a LayerNorm without affine and GELU, no weight norm (fairseq `pos_conv_depth`;
+  # data2vec / DinoSR use 5 convs of kernel 19, HF `Data2VecAudioPositionalConvEmbedding`).
+  pos_conv_depth: int = 1
   layer_norm_eps: float = 1e-5
   num_buckets: int = 320  # WavLM relative position buckets
   max_bucket_distance: int = 800
@@ -98,6 +108,9 @@ class EncoderConfig:
   attention_dropout: float = 0.0
   activation_dropout: float = 0.0
   feat_proj_dropout: float = 0.0
+  # LayerDrop (Fan et al. 2019), training only: each block is skipped, for the whole batch, with
+  # this probability per forward pass (fairseq / HF `layerdrop`; DinoSR base.yaml: 0.05).
+  layerdrop: float = 0.0
   # Scale knobs (jaxspeech only: not part of HF configs). The defaults are the exact float32 loop.
   dtype: str = "float32"  # compute/activation dtype ('bfloat16' on GPU/TPU)
   param_dtype: str = "float32"  # storage dtype of the parameters (float32 master weights)
@@ -131,6 +144,12 @@ class EncoderConfig:
       )
     if not isinstance(self.scan_layers, bool):
       raise ValueError(f"EncoderConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+    if not (isinstance(self.pos_conv_depth, int) and self.pos_conv_depth >= 1):
+      raise ValueError(
+        f"EncoderConfig.pos_conv_depth must be an int >= 1, got {self.pos_conv_depth!r}"
+      )
+    if not 0.0 <= self.layerdrop <= 1.0:
+      raise ValueError(f"EncoderConfig.layerdrop must be in [0, 1], got {self.layerdrop!r}")
 
   @property
   def num_layers(self) -> int:
@@ -138,9 +157,10 @@ class EncoderConfig:
 
   @property
   def has_dropout(self) -> bool:
-    """Whether any dropout rate is non-zero (a train step then needs a dropout key)."""
+    """Whether any dropout rate (LayerDrop included) is non-zero (a train step then needs a
+    dropout key)."""
     return any(r > 0 for r in (self.hidden_dropout, self.attention_dropout,
-                               self.activation_dropout, self.feat_proj_dropout))
+                               self.activation_dropout, self.feat_proj_dropout, self.layerdrop))
 
   def num_frames(self, num_samples: int) -> int:
     """Static number of frames T for S samples."""
@@ -193,6 +213,15 @@ PRESETS: dict[str, EncoderConfig] = {
   "hubert-large": dataclasses.replace(_LARGE, model_type="hubert"),
   "wavlm-base": dataclasses.replace(_BASE, model_type="wavlm"),
   "wavlm-large": dataclasses.replace(_LARGE, model_type="wavlm"),
+  # facebook/data2vec-audio-base: wav2vec2-base with a layer-norm extractor and data2vec's 5-conv
+  # positional stack (kernel 19, 16 groups); HF `Data2VecAudioConfig` defaults.
+  "data2vec-audio-base": dataclasses.replace(
+    _BASE,
+    model_type="data2vec-audio",
+    feat_extract_norm="layer",
+    num_conv_pos_embeddings=19,
+    pos_conv_depth=5,
+  ),
   # A CPU-sized encoder with the base architecture's shape, for tests and the tiny recipes.
   "tiny": dataclasses.replace(
     _BASE,
@@ -238,9 +267,15 @@ class TransformerEncoder(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     d = cfg.hidden_size
     self.cfg = cfg
-    self.pos_conv_embed = ConvPositionalEmbedding(
-      d, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, rngs=rngs, **kw
-    )
+    if cfg.pos_conv_depth > 1:
+      self.pos_conv_embed = DeepConvPositionalEmbedding(
+        d, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, cfg.pos_conv_depth,
+        rngs=rngs, **kw
+      )
+    else:
+      self.pos_conv_embed = ConvPositionalEmbedding(
+        d, cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, rngs=rngs, **kw
+      )
     self.layer_norm = layer_norm(d, cfg.layer_norm_eps, rngs=rngs, **kw)
     wavlm = cfg.model_type == "wavlm"
 
@@ -291,31 +326,41 @@ class TransformerEncoder(nnx.Module):
     """Runs the first `num_layers` blocks (all by default). Returns (hidden_states, last), and
     with `return_ffn` a third item: each block's feed-forward output before its residual add
     (`TransformerBlock`), `num_layers x [B, T, D]`. With `scan_layers` the scan runs over the
-    first `num_layers` slices of the stacked parameters: an early exit, as in the loop."""
+    first `num_layers` slices of the stacked parameters: an early exit, as in the loop.
+    Training (`deterministic=False`) with `layerdrop` > 0 skips blocks (`layer_drops`): a skipped
+    block's hidden state is its input, so the L+1 hidden states keep their static count."""
     cfg = self.cfg
     n = cfg.num_hidden_layers if num_layers is None else num_layers
     rngs = [None] * (n + 1) if rng is None else list(jax.random.split(rng, n + 1))
+    drop = self.layer_drops(rng, n, deterministic)  # [n] bool or None
     x = jnp.where(frame_mask[..., None], x, 0.0)  # padded frames must not feed the pos conv
-    x = x + self.pos_conv_embed(x)
+    if cfg.pos_conv_depth > 1:
+      x = x + self.pos_conv_embed(x, frame_mask)
+    else:
+      x = x + self.pos_conv_embed(x)
     if not cfg.do_stable_layer_norm:
       x = self.layer_norm(x)
     x = dropout(x, cfg.hidden_dropout, deterministic, rngs[0])
     position_bias = self.position_bias(x.shape[1]) if cfg.model_type == "wavlm" else None
     hidden, ffn = [x], []
     if cfg.scan_layers and n > 0:
-      hs, fs = self._scan(x, frame_mask, position_bias, rngs[1:], n, deterministic, return_ffn)
+      hs, fs = self._scan(x, frame_mask, position_bias, rngs[1:], drop, n, deterministic,
+                          return_ffn)
       hidden += [hs[i] for i in range(n)]  # [L, B, T, D] -> L x [B, T, D]
       ffn = [fs[i] for i in range(n)] if return_ffn else []
       x = hidden[-1]
     else:
       for i in range(n):
-        if cfg.remat == "none":
+        if cfg.remat == "none" and drop is None:
           x = self.layers[i](x, frame_mask, position_bias, deterministic=deterministic,
                              rng=rngs[i + 1], return_ffn=return_ffn)
         else:
           graphdef, state = nnx.split(self.layers[i])
           fn = _block_fn(graphdef, cfg.remat, deterministic, return_ffn)
-          x = fn(state, x, frame_mask, position_bias, rngs[i + 1])
+          if drop is None:
+            x = fn(state, x, frame_mask, position_bias, rngs[i + 1])
+          else:
+            x = _run_or_skip(fn, drop[i], state, x, frame_mask, position_bias, rngs[i + 1])
         if return_ffn:
           x, f = x
           ffn.append(f)
@@ -323,9 +368,23 @@ class TransformerEncoder(nnx.Module):
     last = self.layer_norm(x) if cfg.do_stable_layer_norm and n == cfg.num_hidden_layers else x
     return (tuple(hidden), last, tuple(ffn)) if return_ffn else (tuple(hidden), last)
 
-  def _scan(self, x, frame_mask, position_bias, keys, n, deterministic, return_ffn):
-    """The first n stacked blocks by `jax.lax.scan`. Returns (hidden [n, B, T, D], ffn outputs
-    [n, B, T, D] or None)."""
+  def layer_drops(self, rng, n: int, deterministic: bool) -> jax.Array | None:
+    """LayerDrop's choice for this forward pass: [n] bool, True = block i is skipped (for the
+    whole batch), or None when no block can be (deterministic, or `layerdrop` 0)."""
+    p = self.cfg.layerdrop
+    if deterministic or p == 0.0:
+      return None
+    if rng is None:
+      raise ValueError("layerdrop needs an rng when deterministic=False")
+    # Its own stream (fold_in), so the dropout keys are those of layerdrop=0; one draw per block
+    # of the whole stack, sliced, so an early exit (num_layers) skips the same blocks. Skipped
+    # when u < p, as HF (`dropout_probability < layerdrop`).
+    u = jax.random.uniform(jax.random.fold_in(rng, _LAYERDROP_STREAM), (self.cfg.num_layers,))
+    return u[:n] < p
+
+  def _scan(self, x, frame_mask, position_bias, keys, drop, n, deterministic, return_ffn):
+    """The first n stacked blocks by `jax.lax.scan` (block i skipped where `drop[i]`). Returns
+    (hidden [n, B, T, D], ffn outputs [n, B, T, D] or None)."""
     graphdef, state = nnx.split(self.layers)
     if n < self.cfg.num_hidden_layers:
       state = jax.tree.map(lambda a: a[:n], state)
@@ -333,12 +392,33 @@ class TransformerEncoder(nnx.Module):
     fn = _block_fn(graphdef, self.cfg.remat, deterministic, return_ffn, prevent_cse=False)
 
     def body(h, xs):
-      layer_state, key = xs
-      out = fn(layer_state, h, frame_mask, position_bias, key)
+      layer_state, key, skip = xs
+      if skip is None:
+        out = fn(layer_state, h, frame_mask, position_bias, key)
+      else:
+        out = _run_or_skip(fn, skip, layer_state, h, frame_mask, position_bias, key)
       return (out[0], out) if return_ffn else (out, (out, None))
 
-    _, (hs, fs) = jax.lax.scan(body, x, (state, keys))
+    _, (hs, fs) = jax.lax.scan(body, x, (state, keys, drop))
     return hs, fs
+
+
+_LAYERDROP_STREAM = 0x1D  # fold_in data of LayerDrop's key (any constant: a stream of its own)
+
+
+def _run_or_skip(fn, skip, state, x, mask, position_bias, key):
+  """`fn(state, x, mask, position_bias, key)` (a `_block_fn`), or, where the scalar bool `skip`,
+  the block's input unchanged (LayerDrop; a `return_ffn` block's feed-forward output is then
+  zeros). `lax.cond`: a skipped block costs no compute, as in fairseq / HF, and shapes stay
+  static (under `vmap` it becomes a select of both)."""
+  out_shape = jax.eval_shape(fn, state, x, mask, position_bias, key)
+
+  def skipped(state, x, mask, position_bias, key):
+    if isinstance(out_shape, tuple):  # return_ffn: (block output, feed-forward output)
+      return x.astype(out_shape[0].dtype), jnp.zeros(out_shape[1].shape, out_shape[1].dtype)
+    return x.astype(out_shape.dtype)
+
+  return jax.lax.cond(skip, skipped, fn, state, x, mask, position_bias, key)
 
 
 def _block_fn(graphdef, remat: str, deterministic: bool, return_ffn: bool, prevent_cse=True):
@@ -420,8 +500,8 @@ class SpeechEncoder(nnx.Module):
     """wav [B, S] float; wav_mask [B, S] bool (True = real sample); mask_time_indices [B, T] bool.
 
     `rngs` (a key or nnx.Rngs with a 'dropout' stream) is needed only when deterministic=False
-    and dropout rates are non-zero. `num_layers` stops after that many blocks (feature
-    extraction from a middle layer without running the rest).
+    and dropout rates or `layerdrop` are non-zero. `num_layers` stops after that many blocks
+    (feature extraction from a middle layer without running the rest).
     """
     rng = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
     r_embed, r_enc = (None, None) if rng is None else jax.random.split(rng)

@@ -30,6 +30,14 @@ CONFIGS = {
     "WavLMConfig",
     dict(do_stable_layer_norm=True, feat_extract_norm="layer", conv_bias=True, num_hidden_layers=4),
   ),
+  # data2vec-audio: HF defaults are data2vec-audio-base (5 positional convs of kernel 19).
+  "data2vec-audio-base": ("Data2VecAudioModel", "Data2VecAudioConfig", {}),
+  "data2vec-audio-small": (
+    "Data2VecAudioModel",
+    "Data2VecAudioConfig",
+    dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+         conv_dim=(32,) * 7),
+  ),
   "hubert-stable-ln-nofeatnorm": (
     "HubertModel",
     "HubertConfig",
