@@ -20,7 +20,7 @@ from jaxspeech.models.speech_encoder import (
 __all__ = [
   "EncoderConfig",  # architecture dataclass; field names follow HF configs; `.preset(name)`
   "EncoderOutput",  # hidden_states, last_hidden_state, frame_mask, features
-  "MODEL_TYPES",  # 'wav2vec2', 'hubert', 'wavlm'
+  "MODEL_TYPES",  # 'wav2vec2', 'hubert', 'wavlm', 'data2vec-audio'
   "PRESETS",  # name -> EncoderConfig ('hubert-base', 'wavlm-large', 'tiny', ...)
   "SpeechEncoder",  # the NNX encoder: waveform [B, S] -> frames [B, T, D]
   "frozen_mask",  # bool pytree: which parameters a regex list leaves trainable
