@@ -3,13 +3,19 @@
 Reference: Alexander-H-Liu/dinosr `models/dinosr.py`, `config/base.yaml` (SEEDS §2).
 
 * Student: CNN -> LN -> projection -> span mask (p=0.8 of start frames, span 10, masked frames
-  replaced by the encoder's learned `masked_spec_embed`) -> transformer.
+  replaced by the encoder's learned `masked_spec_embed`) -> transformer. `config.method.mask_style`
+  (`jaxspeech.ops.masking.span_mask`): 'fairseq' is the reference's `compute_mask_indices`
+  (random span count, overlapping spans, every row cut to the batch's smallest masked count: ~43%
+  of 8 x 49-frame crops at p=0.8); 'exact' (workdirs without the key) masks a fixed 56.6%.
 * Teacher: an EMA copy of the **transformer only** (`extra_state['teacher']`, a pure dict shaped
   like the student's `encoder/encoder` parameters), run in eval mode on the **unmasked** projected
   features of the shared CNN/projection (before feature-projection dropout, as DinoSR's
   `pre_encoder_features`), without gradient. Updated after every optimizer step (`post_update`)
   with the linear decay schedule (`ema_decay_schedule`: 0.999 -> 0.9999 over 30k updates, frozen
-  from 200k).
+  from 200k). Parameters whose path (e.g. `pos_conv_embed/weight_v`) contains one of the
+  substrings of `config.method.ema_skip` are copied from the student instead while the decay is
+  below 1: DinoSR's `ema_layers_only` skips `pos_conv` (fairseq `EMAModule(skip_keys=...)`); ()
+  (workdirs without the key) averages everything.
 * Targets: the teacher's top K block outputs, each instance-normalised over the valid frames of
   its utterance (`instance_norm_over_time`). Layer k has an online codebook (running sums S_k and
   counts n_k, `extra_state['codebooks']`, stacked `[K, V, D]` / `[K, V]`); the target unit is the
@@ -20,10 +26,10 @@ Reference: Alexander-H-Liu/dinosr `models/dinosr.py`, `config/base.yaml` (SEEDS 
   over masked valid frames, averaged over frames and then over the K layers.
 
 Options beyond the reference (`config.method`): `codebook_init='normal'` (DinoSR's
-`normal_init_codebook`) and `codebook_restart_patience > 0`, dead-codeword restart
-(`codebook.restart_dead_codewords`, idle counters in `extra_state['codebook_idle']`): without it
-the tiny run used only ~20% of its codewords, those that lost the first assignments never being
-updated again.
+`normal_init_codebook`) and `codebook_restart_patience > 0` (default 0, off as in DinoSR),
+dead-codeword restart (`codebook.restart_dead_codewords`, idle counters in
+`extra_state['codebook_idle']`): without it the tiny run used only ~20% of its codewords, those
+that lost the first assignments never being updated again; it keeps moving the targets.
 
 Targets (`config.method.target_output`): `'ffn'` (the configs' value) is DinoSR's, after
 data2vec: each target layer's feed-forward output before the residual add and the final LayerNorm
@@ -38,12 +44,20 @@ heads' mean predicted distribution).
 
 Predictions (`predict_fns`): 'features' of the student's encoder; 'units' of a target layer, the
 loss's own assignment (`codebook_units_fn`: the teacher's transformer, instance norm, nearest
-codeword of that layer's codebook).
+codeword of that layer's codebook). Training sees crops (instance norm and positional conv edges
+over `config.data.num_samples`), so with `config.method.eval_window_samples` the units are
+computed on consecutive windows of that many samples (-1 = the training crop:
+`config.data.num_samples` or the longest of `bucket_lengths`, the configs' value; 0 = whole
+utterances, workdirs without the key), frame-aligned so that the windows' frames are exactly the
+utterance's frames (`windowed_units`).
 
 Legend: B batch, S samples, T frames (50 Hz), D width, K target layers, V codewords per layer.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,7 +155,45 @@ def teacher_encoder(model: DinosrModel, teacher: dict) -> SpeechEncoder:
   return nnx.merge(graphdef, params, rest, copy=True)  # new Variables: `model` stays the student
 
 
-def codebook_units_fn(encoder: SpeechEncoder, codebooks: cb.CodebookState, target_output: str):
+def windowed_units(units: Callable, enc_cfg: EncoderConfig, window_samples: int) -> Callable:
+  """`units(wav, mask, layer)` run on consecutive windows of `window_samples` samples, the frames
+  concatenated back: same signature, same `[B, T]` outputs as `units` on the whole input.
+
+  Window k starts at sample `k * hop`, `hop = F * stride` (`F = num_frames(window_samples)`,
+  `stride` the CNN's total stride): its F frames are exactly frames `k*F .. k*F + F - 1` of the
+  whole input (the CNN has no padding), so the frame count and the frame -> time alignment are
+  the whole input's, and each window's units are those of running that window alone. Windows
+  overlap by `window_samples - hop` samples (one CNN receptive field minus a stride). The last
+  window is shorter (its mask), windows past a row's end have no valid frame. Static shapes:
+  `[B, S]` -> `[B * n, window_samples]` with `n = ceil(T / F)`. A window of at least S samples
+  is `units` itself.
+  """
+  w = int(window_samples)
+  f = enc_cfg.num_frames(w)
+  if f < 1:
+    raise ConfigError(f'dinosr: an evaluation window of {w} samples gives no encoder frame')
+  hop = f * math.prod(enc_cfg.conv_stride)
+
+  def run(wav, mask, layer=None):
+    b, s = wav.shape
+    if w >= s:
+      return units(wav, mask, layer)
+    t = enc_cfg.num_frames(s)
+    n = -(-t // f)  # windows to cover the T frames
+    total = hop * (n - 1) + w
+    wav_p = jnp.pad(wav, ((0, 0), (0, max(total - s, 0))))[:, :total]  # [B, total]
+    mask_p = jnp.pad(mask, ((0, 0), (0, max(total - s, 0))))[:, :total]
+    idx = hop * jnp.arange(n)[:, None] + jnp.arange(w)[None, :]  # [n, W]
+    ids, fmask = units(wav_p[:, idx].reshape(b * n, w), mask_p[:, idx].reshape(b * n, w), layer)
+    ids = ids.reshape(b, n * f)[:, :t]  # [B, T]
+    fmask = fmask.reshape(b, n * f)[:, :t]
+    return ids, fmask
+
+  return run
+
+
+def codebook_units_fn(encoder: SpeechEncoder, codebooks: cb.CodebookState, target_output: str,
+                      window_samples: int = 0):
   """The 'units' prediction: `(wav [B, S], mask [B, S], layer) -> ([B, T] int32, frame_mask)`.
 
   Frames get the unit the loss would give them at target layer `layer` (1-based block index,
@@ -149,7 +201,8 @@ def codebook_units_fn(encoder: SpeechEncoder, codebooks: cb.CodebookState, targe
   `teacher_encoder`'s: the codebooks hold statistics of the teacher's outputs) on the unmasked
   input -- its feed-forward output before the residual add (`target_output='ffn'`) or its block
   output ('block', also for the last layer) -- instance-normalised over each utterance's valid
-  frames, then the nearest codeword of that layer's codebook.
+  frames, then the nearest codeword of that layer's codebook. `window_samples > 0`: the same on
+  consecutive windows of that many samples (`windowed_units`), as the crops of training.
   """
   num_layers = encoder.config.num_hidden_layers
   first = num_layers - int(codebooks.counts.shape[0]) + 1
@@ -171,7 +224,22 @@ def codebook_units_fn(encoder: SpeechEncoder, codebooks: cb.CodebookState, targe
     ids, _ = cb.nearest_codeword(y, cb.codebook_embeddings(codebook))
     return ids, frame_mask
 
+  if window_samples > 0:
+    return windowed_units(units, encoder.config, window_samples)
   return units
+
+
+def training_crop(config) -> int:
+  """Samples of the longest training crop: `config.data.num_samples`, or with `bucket_lengths`
+  the longest bucket (longer utterances are cropped to it)."""
+  buckets = [int(x) for x in config.data.get('bucket_lengths', ())]
+  return max(buckets) if buckets else int(config.data.num_samples)
+
+
+def param_paths(tree) -> list[str]:
+  """'a/b/c' paths of the leaves of a nested dict, in `jax.tree.leaves` order."""
+  return ['/'.join(str(getattr(k, 'key', k)) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def masked_prediction_loss(logits: jax.Array, codes: jax.Array,
@@ -211,6 +279,15 @@ class DinosrPretraining(Method):
       raise ConfigError(f'config.method.codebook_init={self.codebook_init!r}: one of '
                         f'{tuple(CODEBOOK_INITS)}')
     self.restart_patience = int(m.get('codebook_restart_patience', 0))
+    self.mask_style = str(m.get('mask_style', 'exact'))
+    if self.mask_style not in masking.MASK_STYLES:
+      raise ConfigError(f'config.method.mask_style={self.mask_style!r}: one of '
+                        f'{masking.MASK_STYLES}')
+    skip = m.get('ema_skip', ())
+    if isinstance(skip, str) or not all(isinstance(x, str) and x for x in skip):
+      raise ConfigError(f'config.method.ema_skip={skip!r}: a tuple of parameter-path substrings '
+                        "such as ('pos_conv',)")
+    self.ema_skip = tuple(skip)
     # Older workdirs (config.json without the key) were trained on block outputs.
     self.target_output = str(m.get('target_output', 'block'))
     if self.target_output not in TARGET_OUTPUTS:
@@ -220,6 +297,10 @@ class DinosrPretraining(Method):
     self.num_frames = self.enc_cfg.num_frames(self.num_samples)
     if self.num_frames < 1:
       raise ConfigError(f'config.data.num_samples={self.num_samples} gives no encoder frame')
+    window = int(m.get('eval_window_samples', 0))
+    self.eval_window_samples = training_crop(config) if window < 0 else window
+    if self.eval_window_samples > 0 and self.enc_cfg.num_frames(self.eval_window_samples) < 1:
+      raise ConfigError(f'config.method.eval_window_samples={window} gives no encoder frame')
 
   @property
   def _dropout(self) -> bool:
@@ -234,6 +315,11 @@ class DinosrPretraining(Method):
       jax.random.split(c_rng, self.k))  # sums [K, V, D], counts [K, V]
     # The teacher starts as an exact copy of the student's transformer.
     teacher = jax.tree.map(jnp.array, transformer_params(model))
+    paths = param_paths(teacher)
+    for sub in self.ema_skip:
+      if not any(sub in p for p in paths):  # a typo would silently EMA everything
+        raise ConfigError(f'config.method.ema_skip: {sub!r} is in no teacher parameter path '
+                          f'(e.g. {paths[:3]})')
     extra = {'teacher': teacher, 'codebooks': codebooks}
     if self.restart_patience > 0:
       extra['codebook_idle'] = jnp.zeros((self.k, self.v), jnp.int32)  # steps unused, [K, V]
@@ -262,7 +348,8 @@ class DinosrPretraining(Method):
     enc = model.encoder
     # Unmasked projected features, before feature-projection dropout (the teacher's input).
     x, _, frame_mask = enc.embed(wav, wav_mask, deterministic=True)  # [B, T, D], [B, T]
-    masked = masking.span_mask(mask_rng, frame_mask, float(m.mask_prob), int(m.mask_length))
+    masked = masking.span_mask(mask_rng, frame_mask, float(m.mask_prob), int(m.mask_length),
+                               style=self.mask_style)
     x_s = x
     rate = self.enc_cfg.feat_proj_dropout
     if dropout and rate > 0:
@@ -324,14 +411,31 @@ class DinosrPretraining(Method):
     teacher's transformer and the codebooks of the extra state; `layer` must be a target
     layer)."""
     fns = super().predict_fns(model, extra_state)
-    fns['units'] = codebook_units_fn(teacher_encoder(model, extra_state['teacher']),
-                                     stacked_codebooks(extra_state['codebooks']),
-                                     self.target_output)
+    fns['units'] = self.units_fn(model, extra_state)
     return fns
+
+  def units_fn(self, model: DinosrModel, extra_state, window_samples: int | None = None):
+    """The 'units' prediction with evaluation windows of `window_samples` (None = the config's
+    `eval_window_samples`, 0 = whole utterances)."""
+    window = self.eval_window_samples if window_samples is None else int(window_samples)
+    return codebook_units_fn(teacher_encoder(model, extra_state['teacher']),
+                             stacked_codebooks(extra_state['codebooks']), self.target_output,
+                             window)
 
   def post_update(self, params, extra_state, step):
     student = params
     for key in TRANSFORMER_PATH:
       student = student[key]
-    teacher = distillation.ema_update(extra_state['teacher'], student, self.teacher_decay(step))
+    decay = self.teacher_decay(step)
+    teacher = distillation.ema_update(extra_state['teacher'], student, decay)
+    if self.ema_skip:
+      # fairseq's EMAModule copies skip_keys from the student at each step; once the teacher is
+      # frozen (decay 1) DinoSR stops stepping it, so they freeze too.
+      copy = jnp.asarray(decay) < 1.0
+
+      def skip(path, t, s):
+        p = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        return jnp.where(copy, s.astype(t.dtype), t) if any(k in p for k in self.ema_skip) else t
+
+      teacher = jax.tree_util.tree_map_with_path(skip, teacher, student)
     return params, {**extra_state, 'teacher': teacher}
