@@ -189,3 +189,35 @@ def test_synthesize_cli_writes_wavs_and_names_bad_input(dense, tmp_path, capsys)
   rc = synthesize.main(['--checkpoint', str(tmp_path / 'nope'), '--text', 'hello',
                         '--speaker', 'us1', '--out', str(out)])
   assert rc == 2 and 'nope' in capsys.readouterr().err
+
+
+def test_speak_manifest_rows_train_a_tts_model(dense, tmp_path):
+  from data_pipelines.manifest import read_manifest
+  from jaxspeech.synthesize import speak_manifest
+  from jaxspeech.workdir import load_context
+
+  ctx = load_context(dense)
+  path = speak_manifest(ctx, ['The old man saw a bird.', 'Nine cold cats ran.'], ['us1', 'en1'],
+                        str(tmp_path / 'aug'))
+  rows = read_manifest(path)
+  assert [r['speaker'] for r in rows] == ['us1', 'en1']
+  for r in rows:
+    # The alignment spans the audio (Griffin-Lim gives (T - 1) * hop samples for T frames).
+    assert abs(r['alignment'][-1][2] - r['n_samples'] / 16000) <= 256 / 16000 + 1e-6
+    f = ctx.method.host_fields(r)
+    assert f['durations'].sum() > 0 and f['speaker'] == ctx.method.speaker_id(r['speaker'])
+
+
+def test_study_table_and_plot(tmp_path):
+  from benchmarks import tts_study
+
+  base = {'judge_per': 0.2, 'judge_per_reference': 0.1, 'judge_per_shuffled': 0.9, 'mcd_db': 5.0,
+          'f0_rmse_hz': 20.0, 'vuv_error': 0.1, 'energy_rmse_db': 3.0, 'duration_ratio': 1.0,
+          'phone_duration_mae_ms': 10.0, 'num_utterances': 4.0}
+  rows = [{'name': 'dense_griffin_lim', 'sparsity': 0.0, **base}]
+  rows += [{'name': f's{s}_original', 'sparsity': s / 100, 'data': 'original',
+            **dict(base, judge_per=0.2 + s / 200)} for s in (30, 90)]
+  md = tts_study.table(rows)
+  assert '| s90_original | 90% | 65.0% |' in md and 'reference renderings 10.0%' in md
+  tts_study.plot(rows, str(tmp_path / 'p.png'))
+  assert (tmp_path / 'p.png').stat().st_size > 5000
