@@ -9,7 +9,10 @@ sequence). Hypotheses by what the model predicts:
             `method.vocab`: runs merged, silence and the CTC blank dropped
             (`jaxspeech.methods.w2vu2.decode`, fairseq's viterbi decoding);
   'logits'  (CTC phone models on audio: `ctc` / `parp` workdirs with `method.unit = 'phone'`)
-            greedy CTC decoding (`jaxspeech.eval.asr.transcribe`).
+            greedy CTC decoding (`jaxspeech.eval.asr.transcribe`);
+  'phone_posteriors'  (frame phone classifiers on audio: the `phone_judge` intelligibility
+            judge) frame argmax, runs merged, silence dropped, the waveforms scaled as the
+            judge's training pipeline did (`jaxspeech.methods.phone_judge.transcribe`).
 Returns {"per", "num_utterances"}; PER = edit distance / reference length over all rows.
 """
 
@@ -54,8 +57,14 @@ def hypotheses(ctx, rows: list[dict]) -> list[list[str]]:
     from jaxspeech.eval.asr import transcribe
 
     return transcribe(ctx, common.load_wavs(rows))
+  if 'phone_posteriors' in ctx.predict:
+    from jaxspeech.eval import common
+    from jaxspeech.methods.phone_judge import transcribe
+
+    return transcribe(ctx, common.load_wavs(rows))
   raise EvalError(f'per: the {ctx.method.name} model predicts no phones (it offers '
-                  f'{sorted(ctx.predict)}; need "tokens", or "logits" of a phone CTC model)')
+                  f'{sorted(ctx.predict)}; need "tokens", "phone_posteriors", or "logits" of a '
+                  'phone CTC model)')
 
 
 def run(ctx, manifest: str = '', split: str = 'test') -> dict[str, float]:

@@ -57,6 +57,11 @@ Loading and prediction
     'units'    (wav [B, S], mask [B, S], layer: int | None = None) -> ([B, T] int32, frame_mask)
     'logits'   (wav [B, S], mask [B, S]) -> ([B, T, V] float32, frame_mask [B, T])  (CTC)
     'labels'   (batch: dict of the batch spec's fields) -> [B] int32  (classifiers)
+    'phone_posteriors' (wav [B, S], mask [B, S]) -> ([B, F, V] log-probs, frame_mask [B, F])
+               (frame phone classifiers: `jaxspeech.methods.phone_judge`)
+    'synthesize'  (phones [B, P], speaker [B], num_frames: int, duration_scale=1.0) ->
+               (log-mel [B, T, M], frame_mask [B, T], durations [B, P])  (TTS acoustic models)
+    'vocode'   (log-mel [B, T, M]) -> [B, T * hop] float32  (vocoders)
     'samples'  (rng, n: int) -> [n, ...] float32  (generators)
     'pair_embeddings'  (batch, modality: 'audio' | 'visual') -> {'summary' [B, E],
                'code_dist' [B, V], 'codes' [B, T] int32, 'mask' [B, T]}  (cross-modal retrieval)
