@@ -135,13 +135,15 @@ def plot(rows: list[dict], path: str) -> None:
 
 def table(rows: list[dict]) -> str:
   head = ('| run | sparsity | judge PER | MCD (dB) | F0 RMSE (Hz) | V/UV err | energy RMSE (dB) | '
-          'dur. ratio | phone dur. MAE (ms) |')
-  lines = [head, '|' + '---|' * 9]
+          'dur. ratio | phone dur. MAE (ms) | copy-synthesis PER / MCD |')
+  lines = [head, '|' + '---|' * 10]
   for r in rows:
     lines.append(f"| {r['name']} | {100 * r.get('sparsity', 0):.0f}% | {100 * r['judge_per']:.1f}% "
                  f"| {r['mcd_db']:.2f} | {r['f0_rmse_hz']:.1f} | {r['vuv_error']:.3f} | "
                  f"{r['energy_rmse_db']:.2f} | {r['duration_ratio']:.3f} | "
-                 f"{r['phone_duration_mae_ms']:.1f} |")
+                 f"{r['phone_duration_mae_ms']:.1f} | "
+                 f"{100 * r.get('judge_per_resynth', float('nan')):.1f}% / "
+                 f"{r.get('mcd_db_resynth', float('nan')):.2f} |")
   ref = rows[0] if rows else None
   if ref:
     lines.append(f"\nSame sentences: judge PER on the reference renderings "

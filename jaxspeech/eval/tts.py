@@ -15,6 +15,8 @@ Returns (one JSON line from the CLI):
   judge_per_reference  ... on the reference renderings (the judge's floor on this voice)
   judge_per_shuffled   ... on the synthesis of the same phones in a random order, scored against
                        the true sequence (what unintelligible-but-speech-like audio scores)
+  judge_per_resynth, mcd_db_resynth  the reference's own log-mel through the same vocoder /
+                       Griffin-Lim (copy synthesis): what the waveform stage alone costs
   mcd_db               mel-cepstral distortion (dB) along the DTW path between the synthesis and
                        the reference: cepstra c1-c24 of the 80-bin log-mel (DCT-II, orthonormal),
                        10 / ln 10 * sqrt(2 * sum_k (c_k - c'_k)^2) averaged over path frames.
@@ -259,6 +261,8 @@ def run(ctx, manifest: str = '', split: str = '', judge: str = '', vocoder: str 
   wavs_shuffled = vocode(synthesize_mels(ctx, shuffled, speaker), voc,
                                    rng=jax.random.key(seed + 1))
 
+  refmels = [np.asarray(mel_ops.log_mel(jnp.asarray(w[None]), cfg))[0] for w in refs]
+  resynth = vocode(refmels, voc, rng=jax.random.key(seed + 2))
   judge_ctx = ctx.open(judge, f'--judge {judge}')
   from jaxspeech.methods.phone_judge import transcribe
 
@@ -267,7 +271,10 @@ def run(ctx, manifest: str = '', split: str = '', judge: str = '', vocoder: str 
     'judge_per': error_rate(truth, transcribe(judge_ctx, wavs)),
     'judge_per_reference': error_rate(truth, transcribe(judge_ctx, refs)),
     'judge_per_shuffled': error_rate(truth, transcribe(judge_ctx, wavs_shuffled)),
+    'judge_per_resynth': error_rate(truth, transcribe(judge_ctx, resynth)),
   }
+  out_metrics['mcd_db_resynth'] = float(np.mean([compare(w, r, cfg)['mcd_db']
+                                                 for w, r in zip(resynth, refs)]))
   per_utt = [compare(w, r, cfg) for w, r in zip(wavs, refs)]
   for k in ('mcd_db', 'vuv_error', 'energy_rmse_db'):
     out_metrics[k] = float(np.mean([u[k] for u in per_utt]))

@@ -221,3 +221,27 @@ def test_study_table_and_plot(tmp_path):
   assert '| s90_original | 90% | 65.0% |' in md and 'reference renderings 10.0%' in md
   tts_study.plot(rows, str(tmp_path / 'p.png'))
   assert (tmp_path / 'p.png').stat().st_size > 5000
+
+
+def test_evaluate_tts_task_end_to_end(dense, tmp_path, capsys):
+  """`evaluate --task tts` on unseen sentences: every metric present and sane, the references'
+  WAVs written, a missing judge named. (A 20-step judge and a 30-step TTS: mechanics only.)"""
+  from jaxspeech import evaluate
+  from jaxspeech.train.trainer import train_and_evaluate
+  from tests.methods.test_phone_judge import small_config
+
+  judge = str(tmp_path / 'judge')
+  train_and_evaluate(small_config(**{'train.num_steps': 20, 'train.checkpoint_every': 20}), judge)
+  out = tmp_path / 'samples'
+  rc = evaluate.main(['--checkpoint', dense, '--task', 'tts', '--judge', judge, '--num', '3',
+                      '--out', str(out)])
+  assert rc == 0
+  got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert got['num_utterances'] == 3
+  for k in ('judge_per', 'judge_per_reference', 'judge_per_shuffled', 'judge_per_resynth'):
+    assert 0.0 <= got[k] <= 3.0, (k, got)
+  assert got['mcd_db'] > got['mcd_db_resynth'] > 0.0  # a 30-step model is worse than copy-synth
+  assert 0.3 < got['duration_ratio'] < 3.0 and got['phone_duration_mae_ms'] > 0
+  assert sorted(p.name for p in out.iterdir())[:2] == ['00_reference.wav', '00_synth.wav']
+  rc = evaluate.main(['--checkpoint', dense, '--task', 'tts', '--num', '3'])
+  assert rc == 2 and '--judge' in capsys.readouterr().err
