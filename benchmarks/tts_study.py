@@ -13,7 +13,10 @@ Rows (each `evaluate --task tts` on the same `--num` unseen sentences of voice `
     augmented  those plus `--augment` utterances the dense model speaks for unseen grammar
                sentences (training voices in turn; `jaxspeech.synthesize.speak_manifest`, waveform
                by the same vocoder / Griffin-Lim) -- the paper's TTS-augmentation;
-  s = 0 fine-tunes the dense model for the same updates (the control).
+  s = 0 fine-tunes the dense model for the same updates (the control);
+  with `--vocoder-sparsities`, the same for the vocoder's generator (`vocoder_sXX`: one-shot MP
+  of the trained generator + `--steps` GAN updates with fixed masks), speaking for the dense
+  acoustic model.
 Results: OUT/results.jsonl (appended as runs finish; a re-run skips finished rows), OUT/table.md,
 OUT/pruning.png (judge PER, MCD, F0 RMSE against sparsity), and WAV samples under OUT/samples/.
 """
@@ -102,6 +105,28 @@ def finetune(args, sparsity: float, data: str, manifest: str) -> str:
   return wd
 
 
+def finetune_vocoder(args, sparsity: float) -> str:
+  """One-shot magnitude pruning of the trained vocoder's generator (`--vocoder`) + GAN
+  fine-tuning with the masks fixed for `--steps` updates (s = 0: the dense control)."""
+  from experiments import vocoder
+  from jaxspeech.train import trainer
+
+  wd = os.path.join(args.out, f'vocoder_s{int(round(sparsity * 100)):02d}')
+  c = vocoder.get_config('tiny')
+  dense_cfg = json.load(open(os.path.join(args.vocoder, 'config.json')))
+  c.unlock()
+  c.method.update(dense_cfg['method'])
+  c.method.adv_start_step = 0  # the dense run's warm-up is over
+  c.init_from = os.path.abspath(args.vocoder)
+  c.prune.method = 'mpi' if sparsity > 0 else 'none'
+  c.prune.sparsity = float(sparsity)
+  c.train.num_steps = args.steps
+  c.train.checkpoint_every = args.steps
+  c.lock()
+  trainer.train_and_evaluate(c, wd)
+  return wd
+
+
 def plot(rows: list[dict], path: str) -> None:
   import matplotlib
 
@@ -111,7 +136,7 @@ def plot(rows: list[dict], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
   for ax, (key, label) in zip(axes, (('judge_per', 'judge PER (%)'), ('mcd_db', 'MCD (dB)'),
                                       ('f0_rmse_hz', 'F0 RMSE (Hz)'))):
-    for data, style in (('original', 'o-'), ('augmented', 's--')):
+    for data, style in (('original', 'o-'), ('augmented', 's--'), ('vocoder', 'd:')):
       pts = sorted((r['sparsity'], r[key]) for r in rows if r.get('data') == data)
       if pts:
         scale = 100.0 if key == 'judge_per' else 1.0
@@ -165,6 +190,9 @@ def main(argv=None) -> int:
   p.add_argument('--steps', type=int, default=300)
   p.add_argument('--augment', type=int, default=300, help='0 = no augmented runs')
   p.add_argument('--skip-griffin-lim', action='store_true')
+  p.add_argument('--vocoder-sparsities', default='',
+                 help='also prune the vocoder (with --vocoder): e.g. 0,0.3,0.5,0.7,0.9; rows '
+                 'vocoder_sXX speak with the dense acoustic model')
   args = p.parse_args(argv)
   logging.set_verbosity(logging.WARNING)
   os.makedirs(args.out, exist_ok=True)
@@ -197,6 +225,14 @@ def main(argv=None) -> int:
       train_s = round(time.time() - t0, 1)
       record(name, {'sparsity': s, 'data': data, 'finetune_seconds': train_s,
                     **_evaluate(wd, args, name, voc, args.out)})
+  for s in (float(x) for x in args.vocoder_sparsities.split(',') if x):
+    name = f'vocoder_s{int(round(s * 100)):02d}'
+    if name in done or not voc:
+      continue
+    t0 = time.time()
+    wd = finetune_vocoder(args, s)
+    record(name, {'sparsity': s, 'data': 'vocoder', 'finetune_seconds': round(time.time() - t0, 1),
+                  **_evaluate(args.dense, args, name, wd, args.out)})
   rows = list(done.values())
   with open(os.path.join(args.out, 'table.md'), 'w') as f:
     f.write(table(rows) + '\n')

@@ -41,6 +41,9 @@ from __future__ import annotations
 import ml_collections
 
 from experiments import _base
+from jaxspeech.methods.prune_spec import prune_config
+
+GENERATOR_PRUNE_PATTERN = r'^generator/.*kernel$'
 
 VARIANTS = ('tiny', 'paper')
 
@@ -103,5 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   m.mrstft_resolutions = ((1024, 120, 600), (2048, 240, 1200), (512, 50, 240))  # PWG
   m.adv_start_step = 600 if tiny else 0
   c.evals = ml_collections.ConfigDict()
+  # Magnitude pruning of the generator's conv kernels (none by default): one-shot
+  # `--config.prune.method=mpi --config.prune.sparsity=S --config.init_from=DENSE_VOCODER
+  # --config.method.adv_start_step=0` prunes the trained generator and fine-tunes it (GAN on).
+  c.prune = prune_config(pattern=GENERATOR_PRUNE_PATTERN)
   c.lock()
   return c

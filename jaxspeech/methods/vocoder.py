@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxspeech.methods.base import Method
+from jaxspeech.methods.prune_spec import PruneSpec
 from jaxspeech.models.vocoder import (
   Generator,
   HifiGan,
@@ -149,9 +150,16 @@ class Vocoder(Method):
       raise ValueError(f'config.method.upsample_rates={tuple(m.upsample_rates)} multiply to '
                        f'{hop}; the mel hop is {self.mel_config.hop} (jaxspeech.ops.mel)')
     self.adv_start_step = int(m.adv_start_step)
+    # Magnitude pruning of the generator (`config.prune`, the PARP machinery; e.g. one-shot
+    # `mpi` from `init_from` = a trained vocoder, then GAN fine-tuning with the masks fixed).
+    self.prune = PruneSpec.from_config(config)
 
   def init(self, rng):
-    return build_model(self.config.method, rng), {'step': jnp.zeros((), jnp.int32)}
+    model = build_model(self.config.method, rng)
+    extra = {'step': jnp.zeros((), jnp.int32)}
+    if self.prune.enabled:  # (no key otherwise: dense workdirs keep their extra state)
+      extra['prune'] = self.prune.init_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    return model, extra
 
   def param_groups(self, params):
     return {g: {k: jax.tree.map(lambda _, same=k == g: same, v) for k, v in params.items()}
@@ -164,12 +172,18 @@ class Vocoder(Method):
     return out
 
   def post_update(self, params, extra_state, step):
+    extra_state = dict(extra_state, step=(step + 1).astype(jnp.int32))
+    if self.prune.enabled:
+      params, extra_state['prune'] = self.prune.post_update(
+        params, extra_state['prune'], step, int(self.config.train.num_steps))
     # The loss sees the step through the extra state (it is checkpointed: resume-exact).
-    return params, dict(extra_state, step=(step + 1).astype(jnp.int32))
+    return params, extra_state
 
   def loss_fn(self, model: HifiGan, extra_state, batch, rng):
     del rng
     m = self.config.method
+    if self.prune.enabled:
+      model = self.prune.forward_model(model, extra_state['prune'])
     mask = batch['audio_mask']  # [B, S]
     s = mask.shape[1]
     lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
@@ -197,8 +211,13 @@ class Vocoder(Method):
               + float(m.mel_weight) * mel_l1 + float(m.mrstft_weight) * mrstft)
     metrics = {'d_loss': d_loss, 'g_adv': g_adv, 'fm': fm, 'mel_l1': mel_l1, 'mrstft': mrstft,
                'mrstft_sc': sc, 'mrstft_mag': mag}
+    if self.prune.enabled:  # no update at the pruning step
+      scale = self.prune.gradient_scale(extra_state['prune'])
+      g_loss, d_loss = (scale * x + jax.lax.stop_gradient((1.0 - scale) * x)
+                        for x in (g_loss, d_loss))
     return {'generator': g_loss, 'discriminator': d_loss}, (metrics, extra_state)
 
   def predict_fns(self, model: HifiGan, extra_state):
-    del extra_state
+    if self.prune.enabled:
+      model = self.prune.forward_model(model, extra_state['prune'])
     return {'vocode': lambda logmel: model.generator(logmel).astype(jnp.float32)}

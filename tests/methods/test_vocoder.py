@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -202,3 +203,27 @@ def test_upsampling_must_match_the_mel_hop():
 
   with pytest.raises(ValueError, match='multiply to 128'):
     get_method(small_config(**{'method.upsample_rates': (8, 4, 4)}))
+
+
+def test_one_shot_generator_pruning_keeps_exact_sparsity(tmp_path):
+  from flax import nnx
+
+  from experiments.vocoder import GENERATOR_PRUNE_PATTERN
+  from jaxspeech.ops import pruning
+  from jaxspeech.train import checkpoint as ckpt_lib
+  from jaxspeech.train import trainer
+
+  config = small_config()
+  config.prune.method = 'mpi'
+  config.prune.sparsity = 0.6
+  wd = str(tmp_path / 'pruned')
+  trainer.train_and_evaluate(config, wd)
+  _, model, _, _ = ckpt_lib.load_workdir_model(wd)
+  named = dict(pruning.named_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+  gen = [n for n in named if re.search(GENERATOR_PRUNE_PATTERN, n)]
+  assert gen and all(n.startswith('generator/') for n in gen)
+  for n in gen:  # after the GAN updates, still exactly the one-shot sparsity round(P * s) / P
+    w = np.asarray(named[n])
+    assert np.sum(w == 0) == round(w.size * 0.6), n
+  disc = [n for n in named if n.startswith('discriminator/') and n.endswith('kernel')]
+  assert disc and all(np.mean(np.asarray(named[n]) == 0) < 0.1 for n in disc)
