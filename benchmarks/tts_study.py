@@ -136,16 +136,16 @@ def plot(rows: list[dict], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
   for ax, (key, label) in zip(axes, (('judge_per', 'judge PER (%)'), ('mcd_db', 'MCD (dB)'),
                                       ('f0_rmse_hz', 'F0 RMSE (Hz)'))):
+    scale = 100.0 if key == 'judge_per' else 1.0
     for data, style in (('original', 'o-'), ('augmented', 's--'), ('vocoder', 'd:')):
       pts = sorted((r['sparsity'], r[key]) for r in rows if r.get('data') == data)
       if pts:
-        scale = 100.0 if key == 'judge_per' else 1.0
         ax.plot([100 * s for s, _ in pts], [scale * v for _, v in pts], style, label=data)
-    dense = [r for r in rows if r['name'] == 'dense_vocoder'] or [
-      r for r in rows if r['name'] == 'dense_griffin_lim']
-    if dense:
-      scale = 100.0 if key == 'judge_per' else 1.0
-      ax.axhline(scale * dense[0][key], color='grey', lw=0.8, label='dense')
+    for name, color, line in (('dense_griffin_lim', 'grey', 'dense, Griffin-Lim'),
+                              ('dense_vocoder', 'purple', 'dense, vocoder')):
+      dense = [r for r in rows if r['name'] == name]
+      if dense:
+        ax.axhline(scale * dense[0][key], color=color, lw=0.8, label=line)
     if key == 'judge_per':
       ref = [r['judge_per_reference'] for r in rows if 'judge_per_reference' in r]
       if ref:

@@ -14,7 +14,8 @@ then fine-tuning with the masks fixed:
 Variants:
   tiny      the built-in corpus (1,600 utterances; the 6 training voices' 1,200), whole
             utterances (buckets 2 / 3 / 3.75 s), peak-normalised audio (the vocoder's scaling);
-            width 128, 3 + 3 FFT blocks (2 heads, conv FFN 256, kernel 3: CPU-sized), dropout 0.1; batch 16,
+            width 128, 3 + 3 FFT blocks (2 heads, conv FFN 256, kernel 3: CPU-sized),
+            dropout 0.1; batch 16,
             AdamW 1e-3, 2,000 updates.
   finetune  `tiny`'s model, 1,000 updates at lr 3e-4: the fine-tuning phase of a pruned (or
             TTS-augmented) model, `init_from` the dense workdir.

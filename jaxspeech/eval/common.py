@@ -20,8 +20,8 @@ Checkpoints (`jaxspeech.workdir.load_context`):
            has one feature layer, so the layer is ignored).
 Inputs are fed as the model was trained (`EvalContext.normalize`, `jaxspeech.audio.scale_waveform`):
 every utterance normalised to zero mean / unit variance before padding -- for a workdir as its
-`config.data.normalize` says ('standard' unless set; synthesis models 'peak'), for an HF folder as its
-`preprocessor_config.json`'s `do_normalize` says (normalised without one, the
+`config.data.normalize` says ('standard' unless set; synthesis models 'peak'), for an HF folder as
+its `preprocessor_config.json`'s `do_normalize` says (normalised without one, the
 Wav2Vec2FeatureExtractor default); MFCCs get the raw waveform.
 
 Legend: B batch, S samples, T frames (50 Hz), D width.

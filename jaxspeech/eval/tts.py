@@ -111,9 +111,10 @@ def f0_track(wav: np.ndarray, num_frames: int, cfg: mel_ops.MelConfig) -> np.nda
 
 
 def compare(synth_wav: np.ndarray, ref_wav: np.ndarray,
-            cfg: mel_ops.MelConfig = mel_ops.MelConfig()) -> dict[str, float]:
+            cfg: mel_ops.MelConfig | None = None) -> dict[str, float]:
   """MCD, F0 RMSE, V/UV error and energy RMSE of one synthesis against its reference, along the
   DTW path of their cepstra."""
+  cfg = cfg or mel_ops.MelConfig()
   a = np.asarray(mel_ops.log_mel(jnp.asarray(synth_wav[None]), cfg))[0]
   b = np.asarray(mel_ops.log_mel(jnp.asarray(ref_wav[None]), cfg))[0]
   ca, cb = cepstra(a), cepstra(b)
@@ -126,7 +127,8 @@ def compare(synth_wav: np.ndarray, ref_wav: np.ndarray,
   ea = 20 * np.log10(np.maximum(np.exp(a).sum(-1), 1e-8))[i]
   eb = 20 * np.log10(np.maximum(np.exp(b).sum(-1), 1e-8))[j]
   return {'mcd_db': mcd, 'f0_rmse_hz': f0_rmse, 'vuv_error': float(np.mean((fa > 0) != (fb > 0))),
-          'energy_rmse_db': float(np.sqrt(np.mean((ea - eb) ** 2))), 'voiced_frames': float(both.sum())}
+          'energy_rmse_db': float(np.sqrt(np.mean((ea - eb) ** 2))),
+          'voiced_frames': float(both.sum())}
 
 
 def reference_rows(ctx, manifest: str, split: str, speaker: str, num: int, seed: int) -> list:

@@ -21,8 +21,9 @@ blocks' attention and convolution kernels and the duration predictor's convoluti
 Distillation (`method.distill_weight > 0`): the teacher is the model the run starts from (with
 `init_from` the dense TTS workdir: the dense model), frozen in the extra state after the first
 step, before any pruning (a pruned run's first step makes no update, so these are exactly the
-starting weights; an unpruned run's teacher has had one update); the loss adds `distill_weight * |mel_hat - mel_teacher|` with the teacher's
-teacher-forced prediction on the same batch (from the second step on).
+starting weights; an unpruned run's teacher has had one update); the loss adds
+`distill_weight * |mel_hat - mel_teacher|` with the teacher's teacher-forced prediction on the
+same batch (from the second step on).
 
 Prediction: 'synthesize' `(phones [B, P], speaker [B], num_frames: int, duration_scale=1.0)
 -> (log-mel [B, T, M], frame mask [B, T], durations [B, P])`.
