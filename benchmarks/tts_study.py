@@ -144,6 +144,8 @@ def plot(rows: list[dict], path: str) -> None:
     for name, color, line in (('dense_griffin_lim', 'grey', 'dense, Griffin-Lim'),
                               ('dense_vocoder', 'purple', 'dense, vocoder')):
       dense = [r for r in rows if r['name'] == name]
+      if name == 'dense_vocoder' and not any(r.get('data') == 'vocoder' for r in rows):
+        continue  # the vocoder's reference line belongs to the vocoder sweep only
       if dense:
         ax.axhline(scale * dense[0][key], color=color, lw=0.8, label=line)
     if key == 'judge_per':
