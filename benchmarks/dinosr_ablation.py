@@ -271,7 +271,7 @@ def write_results(out_dir: str, runs: list[dict], args: dict) -> str:
 
 
 def main(argv=None) -> int:
-  from absl import logging
+  from benchmarks.seed_study import run_grid
 
   all_variants = variants()
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split('\n')[0])
@@ -281,21 +281,16 @@ def main(argv=None) -> int:
   p.add_argument('--steps', type=int, default=0, help='train.num_steps (0 = the tiny config)')
   p.add_argument('--k', type=int, default=64, help='k-means clusters (the README: 64)')
   a = p.parse_args(argv)
-  chosen = a.variants.split(',')
-  bad = sorted(set(chosen) - set(all_variants))
-  if bad:
-    p.error(f'--variants: unknown {bad} (of {tuple(all_variants)})')
-  logging.set_verbosity(logging.WARNING)
-  os.makedirs(a.out, exist_ok=True)
   runs = []
-  for seed in (int(x) for x in a.seeds.split(',')):
-    for v in chosen:
-      runs.append(run_one(a.out, v, seed, a.steps, a.k, all_variants))
-      print(json.dumps({k: x for k, x in runs[-1].items() if k != 'overrides'}), flush=True)
-      md = write_results(a.out, runs, vars(a))
-  print(md)
-  return 0
 
+  def run(variant, seed):  # the tables are rewritten after every run (partial results survive)
+    runs.append(run_one(a.out, variant, seed, a.steps, a.k, all_variants))
+    write_results(a.out, runs, vars(a))
+    return runs[-1]
+
+  run_grid(p, a, all_variants, run, show=lambda r: {k: x for k, x in r.items() if k != 'overrides'})
+  print(write_results(a.out, runs, vars(a)))
+  return 0
 
 if __name__ == '__main__':
   from jaxspeech.errors import run_cli

@@ -82,9 +82,23 @@ def augmented_manifest(args, vocoder) -> str:
   return path
 
 
+def _pruned_finetune(c, dense: str, sparsity: float, steps: int, wd: str) -> str:
+  """Config `c` (unlocked) from the dense workdir: one-shot magnitude pruning at `sparsity`
+  (`prune.method=mpi`; 0 = dense control) + `steps` updates with the masks fixed, in `wd`."""
+  from jaxspeech.train import trainer
+
+  c.init_from = os.path.abspath(dense)
+  c.prune.method = 'mpi' if sparsity > 0 else 'none'
+  c.prune.sparsity = float(sparsity)
+  c.train.num_steps = steps
+  c.train.checkpoint_every = steps
+  c.lock()
+  trainer.train_and_evaluate(c, wd)
+  return wd
+
+
 def finetune(args, sparsity: float, data: str, manifest: str) -> str:
   from experiments import tts
-  from jaxspeech.train import trainer
 
   wd = os.path.join(args.out, f's{int(round(sparsity * 100)):02d}_{data}')
   c = tts.get_config('finetune')
@@ -95,21 +109,13 @@ def finetune(args, sparsity: float, data: str, manifest: str) -> str:
     c.method[k] = dense_cfg['method'][k]
   c.data.builtin_utterances = dense_cfg['data']['builtin_utterances']
   c.data.manifest = manifest if data == 'augmented' else dense_cfg['data']['manifest']
-  c.init_from = os.path.abspath(args.dense)
-  c.prune.method = 'mpi' if sparsity > 0 else 'none'
-  c.prune.sparsity = float(sparsity)
-  c.train.num_steps = args.steps
-  c.train.checkpoint_every = args.steps
-  c.lock()
-  trainer.train_and_evaluate(c, wd)
-  return wd
+  return _pruned_finetune(c, args.dense, sparsity, args.steps, wd)
 
 
 def finetune_vocoder(args, sparsity: float) -> str:
   """One-shot magnitude pruning of the trained vocoder's generator (`--vocoder`) + GAN
   fine-tuning with the masks fixed for `--steps` updates (s = 0: the dense control)."""
   from experiments import vocoder
-  from jaxspeech.train import trainer
 
   wd = os.path.join(args.out, f'vocoder_s{int(round(sparsity * 100)):02d}')
   c = vocoder.get_config('tiny')
@@ -117,14 +123,7 @@ def finetune_vocoder(args, sparsity: float) -> str:
   c.unlock()
   c.method.update(dense_cfg['method'])
   c.method.adv_start_step = 0  # the dense run's warm-up is over
-  c.init_from = os.path.abspath(args.vocoder)
-  c.prune.method = 'mpi' if sparsity > 0 else 'none'
-  c.prune.sparsity = float(sparsity)
-  c.train.num_steps = args.steps
-  c.train.checkpoint_every = args.steps
-  c.lock()
-  trainer.train_and_evaluate(c, wd)
-  return wd
+  return _pruned_finetune(c, args.vocoder, sparsity, args.steps, wd)
 
 
 def plot(rows: list[dict], path: str) -> None:
