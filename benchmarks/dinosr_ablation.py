@@ -168,11 +168,11 @@ def evaluate_workdir(workdir: str, windows: list[int], k: int) -> dict:
     out.update(kmeans_pnmi=r['pnmi'], edge_kmeans=edge_share(km))
     with open(cache, 'w') as f:
       json.dump(out, f)
-  from jaxspeech.methods import dinosr
+  from jaxspeech.methods.base import bucket_lengths
 
   v = int(ctx.config.method.codebook_size)
   for w in windows:
-    window = dinosr.training_crop(ctx.config) if w < 0 else w
+    window = max(bucket_lengths(ctx.config.data)) if w < 0 else w
     wctx = dataclasses.replace(ctx, predict={
       **ctx.predict, 'units': ctx.method.units_fn(ctx.model, ctx.extra, window)})
     r, cb = units_lib.evaluate_units(wctx, wavs, rows, layer, use_units=True, return_units=True)

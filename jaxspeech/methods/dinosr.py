@@ -67,10 +67,10 @@ from flax import nnx
 from jaxspeech.errors import ConfigError
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import EMBED, VOCAB
-from jaxspeech.methods.base import Method, encoder_config
+from jaxspeech.methods.base import Method, bucket_lengths, encoder_config
 from jaxspeech.models.speech_encoder import EncoderConfig, SpeechEncoder
 from jaxspeech.ops import codebook as cb
-from jaxspeech.ops import distillation, masking
+from jaxspeech.ops import distillation, masking, pruning
 
 # Where the transformer's parameters sit in the pure-dict parameter tree of `DinosrModel`.
 TRANSFORMER_PATH = ('encoder', 'encoder')
@@ -229,19 +229,6 @@ def codebook_units_fn(encoder: SpeechEncoder, codebooks: cb.CodebookState, targe
   return units
 
 
-def training_crop(config) -> int:
-  """Samples of the longest training crop: `config.data.num_samples`, or with `bucket_lengths`
-  the longest bucket (longer utterances are cropped to it)."""
-  buckets = [int(x) for x in config.data.get('bucket_lengths', ())]
-  return max(buckets) if buckets else int(config.data.num_samples)
-
-
-def param_paths(tree) -> list[str]:
-  """'a/b/c' paths of the leaves of a nested dict, in `jax.tree.leaves` order."""
-  return ['/'.join(str(getattr(k, 'key', k)) for k in path)
-          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def masked_prediction_loss(logits: jax.Array, codes: jax.Array,
                            select: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """DinoSR's loss: cross-entropy at the `select`ed (masked, valid) frames only.
@@ -298,7 +285,7 @@ class DinosrPretraining(Method):
     if self.num_frames < 1:
       raise ConfigError(f'config.data.num_samples={self.num_samples} gives no encoder frame')
     window = int(m.get('eval_window_samples', 0))
-    self.eval_window_samples = training_crop(config) if window < 0 else window
+    self.eval_window_samples = max(bucket_lengths(config.data)) if window < 0 else window
     if self.eval_window_samples > 0 and self.enc_cfg.num_frames(self.eval_window_samples) < 1:
       raise ConfigError(f'config.method.eval_window_samples={window} gives no encoder frame')
 
@@ -315,7 +302,7 @@ class DinosrPretraining(Method):
       jax.random.split(c_rng, self.k))  # sums [K, V, D], counts [K, V]
     # The teacher starts as an exact copy of the student's transformer.
     teacher = jax.tree.map(jnp.array, transformer_params(model))
-    paths = param_paths(teacher)
+    paths = [name for name, _ in pruning.named_leaves(teacher)]
     for sub in self.ema_skip:
       if not any(sub in p for p in paths):  # a typo would silently EMA everything
         raise ConfigError(f'config.method.ema_skip: {sub!r} is in no teacher parameter path '
@@ -434,7 +421,7 @@ class DinosrPretraining(Method):
       copy = jnp.asarray(decay) < 1.0
 
       def skip(path, t, s):
-        p = '/'.join(str(getattr(k, 'key', k)) for k in path)
+        p = pruning.path_str(path)
         return jnp.where(copy, s.astype(t.dtype), t) if any(k in p for k in self.ema_skip) else t
 
       teacher = jax.tree_util.tree_map_with_path(skip, teacher, student)
