@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxspeech.audio import NORMALIZATIONS, normalization, scale_waveform
 from jaxspeech.errors import ConfigError
 from jaxspeech.layers.attention import dense
 from jaxspeech.layers.partitioning import CONV_IN, CONV_OUT, EMBED, KERNEL, VOCAB, logical
@@ -65,7 +66,6 @@ SAMPLE_RATE = 16000
 # frame_labels puts frame i's centre at (i + 0.5) * 10 ms; MFCC frame i's 25 ms window starts at
 # i * 10 ms, so its centre is 7.5 ms later than that.
 WINDOW_CENTRE_S = (mfcc_lib.WIN / 2 - mfcc_lib.HOP / 2) / SAMPLE_RATE
-NORMALIZATIONS = ('standard', 'peak', 'none')
 PAD_TO = SAMPLE_RATE  # `transcribe` pads to whole seconds: one compilation per length
 
 
@@ -214,32 +214,17 @@ def decode_frames(log_probs: np.ndarray, n_frames: int, phones: Sequence[str], *
 
 
 def input_normalization(ctx, normalize_gain: bool | str | None = None) -> str:
-  """How `transcribe` scales each waveform: `normalize_gain` ('standard' | 'peak' | 'none', True
-  = 'standard', False = 'none'), or None = as the judge's training pipeline did
-  (`config.data.normalize`, 'standard' where the config predates it)."""
+  """How `transcribe` scales each waveform (`jaxspeech.audio.scale_waveform`): `normalize_gain`
+  ('standard' | 'peak' | 'none', True = 'standard', False = 'none'), or None = as the judge's
+  training pipeline did (`config.data.normalize`, 'standard' where the config predates it)."""
   if normalize_gain is None:
     config = getattr(ctx, 'config', None)
-    if config is None:
-      return 'standard' if getattr(ctx, 'normalize', True) else 'none'
-    normalize_gain = str(config.data.get('normalize', 'standard'))
-  if normalize_gain is True or normalize_gain is False:
-    return 'standard' if normalize_gain else 'none'
-  if normalize_gain not in NORMALIZATIONS:
-    raise ValueError(f'normalize_gain={normalize_gain!r}: choose one of {NORMALIZATIONS}')
-  return normalize_gain
-
-
-def scale_waveform(wav: np.ndarray, mode: str) -> np.ndarray:
-  """One unpadded utterance scaled as the training pipeline does (`data_pipelines.pipeline`):
-  'standard' zero mean / unit variance, 'peak' peak 0.95, 'none' as is. [S] -> [S] float32."""
-  from jaxspeech.audio import normalize_waveform
-
-  wav = np.asarray(wav, np.float32)
-  if mode == 'standard':
-    return normalize_waveform(wav)
-  if mode == 'peak':
-    return (0.95 * wav / max(float(np.abs(wav).max(initial=0.0)), 1e-8)).astype(np.float32)
-  return wav
+    normalize_gain = (str(config.data.get('normalize', 'standard')) if config is not None
+                      else getattr(ctx, 'normalize', True))
+  try:
+    return normalization(normalize_gain)
+  except ValueError:
+    raise ValueError(f'normalize_gain={normalize_gain!r}: choose one of {NORMALIZATIONS}') from None
 
 
 # One jitted posterior function per prediction function (so per judge): repeated `transcribe`
