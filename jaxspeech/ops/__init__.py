@@ -16,10 +16,12 @@ from jaxspeech.ops import (
   distillation,
   kmeans,
   masking,
+  mel,
   perturb,
   pruning,
   sinkhorn,
   swapped_prediction,
+  vocoder_losses,
   vq,
 )
 
@@ -28,9 +30,11 @@ __all__ = [
   "distillation",  # EMA teacher, teacher decay schedule, instance norm over time
   "kmeans",  # masked batched k-means (k-means++, Lloyd, minibatch)
   "masking",  # span masks with an exact number of masked frames
+  "mel",  # HiFi-GAN log-mel (librosa's Slaney filters), STFT / iSTFT, Griffin-Lim
   "perturb",  # speaker perturbation (formant / pitch / EQ) on a padded batch
   "pruning",  # magnitude pruning masks on pytrees (PARP, OMP, IMP)
   "sinkhorn",  # log-domain Sinkhorn-Knopp equipartition targets
   "swapped_prediction",  # Spin's swapped-prediction loss
+  "vocoder_losses",  # HiFi-GAN / Parallel WaveGAN losses (LSGAN, feature matching, MR-STFT)
   "vq",  # straight-through VQ, EMA codebooks, cross-modal code matching
 ]

@@ -51,7 +51,7 @@ def _random_batch(method, config, seed=0):
 
 
 def test_loss_terms_have_their_known_values():
-  from jaxspeech.methods import vocoder as v
+  from jaxspeech.ops import vocoder_losses as v
 
   w = jnp.array([1.0, 1.0, 0.0])
   ones, zeros = jnp.ones((3, 5)), jnp.zeros((3, 5))
