@@ -83,7 +83,8 @@ def garbage_hf(hf_dir, tmp_path):
 @pytest.mark.parametrize('config,why', [
   ('this is not JSON', 'not valid JSON'),
   ('[1, 2]', 'not an HF model config'),
-  ('{"hidden_size": 32}', "model_type None is not a wav2vec2/hubert/wavlm/data2vec-audio checkpoint"),
+  ('{"hidden_size": 32}',
+   "model_type None is not a wav2vec2/hubert/wavlm/data2vec-audio checkpoint"),
   # keys missing: HF's defaults (12 heads) do not fit the 32 dims given
   ('{"model_type": "hubert", "hidden_size": 32}', 'describes no valid encoder'),
   ('{"model_type": "hubert", "feat_extract_norm": "batch"}', 'feat_extract_norm'),
